@@ -1,0 +1,3 @@
+from bigticket.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Shared foundation: settings, output paths, atomic writes, logging and the cluster environment."""

@@ -1,0 +1,157 @@
+"""Every on-disk path of the DESIGN.md contracts, built in one place.
+
+Stages never join path strings themselves: they ask these classes, so a contract change is one edit.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+SUCCESS = "_SUCCESS"
+
+
+def shard_stem(index: int, count: int) -> str:
+    return f"part-{index:05d}-of-{count:05d}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetPaths:
+    """The ETL output directory (dataset schema_version 1)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.jsonl"
+
+    @property
+    def success(self) -> Path:
+        return self.root / SUCCESS
+
+    @property
+    def staging(self) -> Path:
+        """Per-shard sidecars (counts, checksums, quarantined records) committed by shard tasks."""
+        return self.root / "_staging"
+
+    def split_dir(self, split: str) -> Path:
+        return self.root / split
+
+    def shard(self, split: str, index: int, count: int, fmt: str) -> Path:
+        ext = {"tfrecord": "tfrecord", "parquet": "parquet"}[fmt]
+        return self.split_dir(split) / f"{shard_stem(index, count)}.{ext}"
+
+    def shard_sidecar(self, split: str, index: int, count: int) -> Path:
+        return self.staging / split / f"{shard_stem(index, count)}.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRunPaths:
+    """runs/dense-<hash>/ written by the dense training stage."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def under(cls, runs_root: str | Path, settings_hash: str) -> "DenseRunPaths":
+        return cls(Path(runs_root) / f"dense-{settings_hash}")
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, name: str) -> Path:
+        """name is 'init', 'final' or a rewind label such as '3ep' or '500it'."""
+        return self.checkpoints / f"{name}.weights.h5"
+
+    @property
+    def history(self) -> Path:
+        return self.root / "history.csv"
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model.keras"
+
+    @property
+    def resume(self) -> Path:
+        """Driver-side resume state (last complete epoch) for killed runs."""
+        return self.root / "resume"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def success(self) -> Path:
+        return self.root / SUCCESS
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPaths:
+    """runs/dense-<hash>/lottery-<hash>/ written by the lottery stage."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def under(cls, run: DenseRunPaths, settings_hash: str) -> "GridPaths":
+        return cls(run.root / f"lottery-{settings_hash}")
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.json"
+
+    @property
+    def masks(self) -> Path:
+        return self.root / "masks"
+
+    def mask(self, mask_id: str) -> Path:
+        return self.masks / f"{mask_id}.npz"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    def result(self, task_id: str) -> Path:
+        return self.results / f"{task_id}.json"
+
+    @property
+    def claims(self) -> Path:
+        return self.root / "claims"
+
+    def claim(self, task_id: str) -> Path:
+        return self.claims / f"{task_id}.claim"
+
+    @property
+    def results_parquet(self) -> Path:
+        return self.root / "results.parquet"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
