@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-output
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean-demo venv
+.PHONY: demo test bench clean-demo venv pyfiles
 
 venv: $(STAMP)
 
@@ -31,3 +31,11 @@ bench: $(STAMP)
 
 clean-demo:
 	rm -rf $(DEMO_DIR)
+
+# A zip of the packages for `spark-submit --py-files` on clusters where bigticket is not installed.
+dist/bigticket-pyfiles.zip: $(shell find common etl train lottery bigticket -name '*.py' 2>/dev/null)
+	mkdir -p dist && $(PYTHON) -c "import pathlib, zipfile; z = zipfile.ZipFile('$@', 'w'); \
+	  [z.write(p) for d in ('common', 'etl', 'train', 'lottery', 'bigticket') \
+	   for p in sorted(pathlib.Path(d).rglob('*')) if p.suffix in ('.py', '.sh')]"
+
+pyfiles: dist/bigticket-pyfiles.zip

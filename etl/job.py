@@ -1,0 +1,275 @@
+"""The Spark job of `bigticket etl prepare`: sources -> processed images -> shards + manifest.
+
+Plan of the job (each step is what makes a guarantee of DESIGN.md hold):
+1. The driver asks the source for its classes and units of work (cheap: no pixel is read).
+2. Count pass: executors enumerate every unit's inputs (names only) and the driver counts them per
+   split. This count is independent of what gets written, so the final reconciliation
+   inputs == written + quarantined can actually fail.
+3. Process pass: executors read, decode, convert and resize each input (pure functions of
+   etl.images), keyed by (shard, seeded order), skipping shards a previous run already committed.
+4. Shuffle into one partition per shard, sorted by the seeded order; each task writes its shard(s)
+   under temporary names, renames them, then commits a sidecar (counts, checksums, quarantined
+   inputs). A retried or speculative attempt rewrites identical bytes, so the last rename is harmless.
+5. The driver reads the committed sidecars (not accumulators), reconciles, writes quarantine.jsonl,
+   manifest.json and finally _SUCCESS.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import logging
+import operator
+import shutil
+from typing import Any, Iterable, Iterator
+
+from common.atomic import read_json, write_json, write_text
+from common.paths import DatasetPaths
+from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
+from etl import faults
+from etl.images import ImageLimits, ResizePolicy, process_image
+from etl.records import ClassInfo, ImageRow, InputRecord, QuarantineEntry, Rejected, SPLITS
+from etl.settings import EtlSettings
+from etl.sharding import order_key, shard_of
+
+log = logging.getLogger(__name__)
+
+TFRECORD_LABEL_OFFSET = 1  # the reference ImageNet converter numbers labels from 1
+
+
+class EtlError(RuntimeError):
+    """The job cannot produce a dataset that honours the contract; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _ShardSlot:
+    split: str
+    index: int
+    count: int
+
+
+def dataset_hash(settings: EtlSettings) -> str:
+    """Identity of the dataset a settings object produces; the output path is not part of it."""
+    return settings_hash(dataclasses.replace(settings, out=""))
+
+
+# ---------------------------------------------------------------------------- executor functions
+# Module-level functions bound with functools.partial, so Spark pickles only what they need.
+
+def _enumerate(source, indexed_unit) -> Iterator[tuple[str, str]]:
+    _, unit = indexed_unit
+    for record in source.records(unit):
+        yield record.split, record.key
+
+
+def _quarantine(record: InputRecord, reason: str, detail: str) -> QuarantineEntry:
+    return QuarantineEntry(key=record.key, split=record.split, source=record.source,
+                           reason=reason, detail=detail)
+
+
+def _process_one(record: InputRecord, load, classes: list[ClassInfo], policy: ResizePolicy,
+                 quality: int, limits: ImageLimits) -> ImageRow | QuarantineEntry:
+    if record.reject is not None:
+        return _quarantine(record, *record.reject)
+    try:
+        encoded = process_image(load(record), policy, quality, limits)
+    except Rejected as rejected:
+        return _quarantine(record, rejected.reason, rejected.detail)
+    except Exception as exc:  # anything else is still accounted for, never a crashed job
+        return _quarantine(record, "error", f"{type(exc).__name__}: {exc}")
+    info = classes[record.label]
+    return ImageRow(key=record.key, split=record.split, label=record.label, synset=info.synset,
+                    class_text=info.name, filename=record.key.rsplit("/", 1)[-1],
+                    jpeg=encoded.jpeg, height=encoded.height, width=encoded.width)
+
+
+def _process_partition(source, slots: dict[tuple[str, int], int], done: frozenset[int],
+                       shard_counts: dict[str, int], seed: int, classes: list[ClassInfo],
+                       policy: ResizePolicy, quality: int, limits: ImageLimits,
+                       indexed_units: Iterable) -> Iterator[tuple[tuple, Any]]:
+    faults.maybe_fail("process")
+    for _, unit in indexed_units:
+        with source.open_unit(unit) as load:
+            for record in source.records(unit):
+                shard = shard_of(seed, record.split, record.key, shard_counts[record.split])
+                slot = slots[(record.split, shard)]
+                if slot in done:
+                    continue
+                value = _process_one(record, load, classes, policy, quality, limits)
+                yield (slot, order_key(seed, record.split, record.key)), value
+
+
+def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str, ...],
+                     dataset_id: str, partition: int, items: Iterator) -> Iterator[str]:
+    from etl.shard_writer import write_shard
+
+    faults.maybe_fail("write")
+    slot = slot_table[partition]
+    paths = DatasetPaths(root)
+    sidecar = paths.shard_sidecar(slot.split, slot.index, slot.count)
+    if sidecar.exists():  # committed by an earlier attempt or run
+        return iter([str(sidecar)])
+    quarantined: list[QuarantineEntry] = []
+
+    def rows() -> Iterator[ImageRow]:
+        for _, value in items:
+            if isinstance(value, QuarantineEntry):
+                quarantined.append(value)
+            else:
+                yield value
+
+    files = write_shard(rows(), paths, slot.split, slot.index, slot.count, formats,
+                        label_offset=TFRECORD_LABEL_OFFSET)
+    faults.maybe_fail("commit")  # between the shard rename and its sidecar: the worst moment to die
+    write_json(sidecar, {
+        "dataset": dataset_id, "split": slot.split, "index": slot.index, "count": slot.count,
+        "files": files, "records": files[0]["records"],
+        "quarantine": [q.to_json() for q in sorted(quarantined, key=lambda q: q.key)],
+    })
+    return iter([str(sidecar)])
+
+
+# ---------------------------------------------------------------------------------- the driver
+
+def _existing_dataset(paths: DatasetPaths, dataset_id: str) -> dict | None:
+    """The manifest of a finished identical dataset, or None; refuses to mix different settings."""
+    if paths.success.exists():
+        from etl.manifest import load_manifest
+
+        manifest = load_manifest(paths.root)
+        if manifest.get("settings_hash") != dataset_id:
+            raise EtlError(f"{paths.root} already holds a different dataset (settings hash "
+                           f"{manifest.get('settings_hash')}, these settings give {dataset_id}); "
+                           "choose another --out or delete it")
+        return manifest
+    for sidecar in sorted(paths.staging.glob("*/*.json")) if paths.staging.exists() else []:
+        found = read_json(sidecar).get("dataset")
+        if found != dataset_id:
+            raise EtlError(f"{paths.root} holds shards of an unfinished run with other settings "
+                           f"({sidecar} has dataset {found}, these settings give {dataset_id}); "
+                           "choose another --out or delete it")
+    return None
+
+
+def _slot_table(settings: EtlSettings, splits: list[str]) -> list[_ShardSlot]:
+    return [_ShardSlot(split, i, settings.shards_for(split))
+            for split in splits for i in range(settings.shards_for(split))]
+
+
+def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dict:
+    """Run (or finish, or skip) the ETL job; returns the dataset's manifest."""
+    from etl.manifest import validate_manifest
+    from etl.shard_writer import clean_stale_temps
+    from etl.sources import make_source
+
+    paths = DatasetPaths(settings.out)
+    dataset_id = dataset_hash(settings)
+    finished = _existing_dataset(paths, dataset_id)
+    if finished is not None:
+        log.info("%s is already complete (dataset %s): nothing to do", paths.root, dataset_id)
+        return finished
+
+    source = make_source(settings)
+    classes = source.classes()
+    units = source.units()
+    if not classes:
+        raise EtlError(f"--input {settings.input}: the source found no classes")
+    if not units:
+        raise EtlError(f"--input {settings.input}: the source found no inputs")
+    log.info("source %s: %d classes, %d units of work", settings.source, len(classes), len(units))
+
+    if spark is None:
+        from common.spark import get_spark
+
+        spark = get_spark("bigticket-etl", master)
+    sc = spark.sparkContext
+    indexed_units = list(enumerate(units))
+    n_slices = max(1, min(len(units), sc.defaultParallelism * 4))
+
+    sc.setJobDescription("bigticket etl: count inputs")
+    units_rdd = sc.parallelize(indexed_units, n_slices)
+    keys = units_rdd.flatMap(functools.partial(_enumerate, source)).cache()
+    inputs = keys.map(lambda sk: (sk[0], 1)).reduceByKey(operator.add).collectAsMap()
+    unknown = set(inputs) - set(SPLITS)
+    if unknown:
+        raise EtlError(f"source {settings.source} produced unknown splits {sorted(unknown)}")
+    distinct = keys.distinct().count()
+    if distinct != sum(inputs.values()):
+        raise EtlError(f"source {settings.source} produced {sum(inputs.values()) - distinct} "
+                       "duplicate input keys; every input must have a unique key")
+    keys.unpersist()
+    splits = [s for s in SPLITS if inputs.get(s, 0) > 0]
+    log.info("inputs: %s", ", ".join(f"{s}={inputs[s]}" for s in splits))
+
+    slot_table = _slot_table(settings, splits)
+    slots = {(s.split, s.index): i for i, s in enumerate(slot_table)}
+    done = frozenset(i for i, s in enumerate(slot_table)
+                     if paths.shard_sidecar(s.split, s.index, s.count).exists())
+    if done:
+        log.info("resuming: %d of %d shards already committed", len(done), len(slot_table))
+    for split in splits:
+        paths.split_dir(split).mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(paths, split)
+
+    sc.setJobDescription("bigticket etl: decode, resize, write shards")
+    processed = units_rdd.mapPartitions(functools.partial(
+        _process_partition, source, slots, done,
+        {s: settings.shards_for(s) for s in splits}, settings.seed, classes,
+        ResizePolicy.parse(settings.resize), settings.quality,
+        ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)))
+    shuffled = processed.repartitionAndSortWithinPartitions(
+        numPartitions=len(slot_table), partitionFunc=lambda key: key[0])
+    shuffled.mapPartitionsWithIndex(functools.partial(
+        _write_partition, str(paths.root), slot_table, settings.formats, dataset_id)).count()
+
+    manifest = _finish(paths, settings, dataset_id, source.describe(), classes, slot_table, inputs)
+    validate_manifest(manifest, paths.root)
+    write_json(paths.manifest, manifest)
+    paths.success.write_bytes(b"")
+    shutil.rmtree(paths.staging, ignore_errors=True)
+    log.info("dataset complete: %s", paths.root)
+    return manifest
+
+
+def _finish(paths: DatasetPaths, settings: EtlSettings, dataset_id: str, source_desc: dict,
+            classes: list[ClassInfo], slot_table: list[_ShardSlot], inputs: dict[str, int]) -> dict:
+    """Reconcile the committed sidecars against the input count; write quarantine.jsonl."""
+    splits: dict[str, dict] = {}
+    quarantine_lines: list[str] = []
+    for split in [s for s in SPLITS if inputs.get(s, 0) > 0]:
+        shards: list[dict] = []
+        records = 0
+        by_reason: dict[str, int] = {}
+        for slot in (s for s in slot_table if s.split == split):
+            sidecar_path = paths.shard_sidecar(split, slot.index, slot.count)
+            if not sidecar_path.exists():
+                raise EtlError(f"shard {split}/{slot.index} has no committed output ({sidecar_path})")
+            sidecar = read_json(sidecar_path)
+            shards.extend(sidecar["files"])
+            records += sidecar["records"]
+            for entry in sidecar["quarantine"]:
+                by_reason[entry["reason"]] = by_reason.get(entry["reason"], 0) + 1
+                quarantine_lines.append(json.dumps(entry, sort_keys=True))
+        quarantined = sum(by_reason.values())
+        if records + quarantined != inputs[split]:
+            raise EtlError(f"split {split}: {inputs[split]} inputs but {records} written + "
+                           f"{quarantined} quarantined; refusing to publish an incomplete dataset")
+        splits[split] = {"inputs": inputs[split], "records": records, "quarantined": quarantined,
+                         "quarantine_by_reason": dict(sorted(by_reason.items())), "shards": shards}
+        log.info("split %s: %d inputs = %d written + %d quarantined %s", split, inputs[split],
+                 records, quarantined, dict(sorted(by_reason.items())) or "")
+    write_text(paths.quarantine, "".join(line + "\n" for line in quarantine_lines))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings_hash": dataset_id,
+        "settings": settings_to_dict(settings),
+        "source": source_desc,
+        "resize": str(ResizePolicy.parse(settings.resize)),
+        "jpeg_quality": settings.quality,
+        "formats": list(settings.formats),
+        "tfrecord_label_offset": TFRECORD_LABEL_OFFSET,
+        "classes": [dataclasses.asdict(c) for c in classes],
+        "splits": splits,
+    }
