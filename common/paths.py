@@ -40,6 +40,10 @@ class DatasetPaths:
         """Per-shard sidecars (counts, checksums, quarantined records) committed by shard tasks."""
         return self.root / "_staging"
 
+    def source_cache(self, name: str) -> Path:
+        """Inputs a source materialises itself (the digits folder tree), reused by re-runs."""
+        return self.root / "_source" / name
+
     def split_dir(self, split: str) -> Path:
         return self.root / split
 

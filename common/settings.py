@@ -35,11 +35,11 @@ class SettingsError(ValueError):
 def _readable(err: pydantic.ValidationError, cls: type) -> SettingsError:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(settings)"
-        msg = e["msg"]
-        if e["type"] == "unexpected_keyword_argument" or e["type"] == "extra_forbidden":
+        field = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             msg = "unknown setting"
-        lines.append(f"{field}: {msg}")
+        lines.append(f"{field}: {msg}" if field else msg)
     return SettingsError(f"invalid {cls.__name__}: " + "; ".join(lines))
 
 

@@ -119,7 +119,7 @@ def _run_cli(out: Path, master: str, faults: str | None = None, **kw) -> subproc
     env = dict(os.environ, PYTHONPATH=str(REPO), BIGTICKET_LOG_LEVEL="WARNING")
     if faults:
         env["BIGTICKET_TEST_FAULTS"] = faults
-    cmd = [sys.executable, "-m", "etl", "prepare", "--source", "digits", "--out", str(out),
+    cmd = [sys.executable, "-m", "bigticket", "etl", "prepare", "--source", "digits", "--out", str(out),
            "--resize", "fixed:16", "--format", "both", "--shards", "3", "--validation-shards", "2",
            "--master", master]
     return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE,
