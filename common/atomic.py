@@ -16,6 +16,8 @@ from typing import Any, Iterator, BinaryIO
 def temp_name(final: Path, tag: str = "") -> Path:
     """A unique hidden sibling of `final`, so that listings of final names never see it."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.{tag}", suffix=".tmp", dir=final.parent)
+    # mkstemp makes 0600 files; outputs are shared on cluster file systems, so use the usual mode.
+    os.fchmod(fd, 0o644)
     os.close(fd)
     return Path(name)
 

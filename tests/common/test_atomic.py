@@ -21,3 +21,9 @@ def test_write_replaces_atomically(tmp_path):
     write_json(target, {"v": 2})
     assert read_json(target) == {"v": 2}
     assert sorted(os.listdir(target.parent)) == ["b.json"]
+
+
+def test_outputs_are_readable_by_others(tmp_path):
+    target = tmp_path / "manifest.json"
+    write_json(target, {})
+    assert target.stat().st_mode & 0o044 == 0o044
