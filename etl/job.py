@@ -2,19 +2,22 @@
 
 Plan of the job (each step is what makes a guarantee of DESIGN.md hold):
 1. The driver asks the source for its classes and units of work (cheap: no pixel is read).
-2. Count pass: executors enumerate every unit's inputs (names only) and the driver counts them per
-   split. This count is independent of what gets written, so the final reconciliation
-   inputs == written + quarantined can actually fail.
-3. Process pass: executors read, decode, convert and resize each input (pure functions of
-   etl.images), keyed by (shard, seeded order), skipping shards a previous run already committed.
-4. Shuffle into one partition per shard, sorted by the seeded order; each task writes its shard(s)
-   under temporary names, renames them, then commits a sidecar (counts, checksums, quarantined
-   inputs). A retried or speculative attempt rewrites identical bytes, so the last rename is harmless.
+2. Enumerate: executors list every unit's inputs (names and locators only, no pixels); the result
+   is cached and the driver counts it per split. This count is independent of what gets written,
+   so the final reconciliation inputs == written + quarantined can actually fail.
+3. Shuffle the small records (never image bytes) into one partition per shard, sorted by the seeded
+   order, skipping shards a previous run already committed.
+4. Each shard task reads, decodes, converts and resizes its inputs (pure functions of etl.images)
+   and streams them into its shard file(s) under temporary names, renames them, then commits a
+   sidecar (counts, checksums, quarantined inputs). A retried or speculative attempt rewrites
+   identical bytes, so the last rename is harmless.
 5. The driver reads the committed sidecars (not accumulators), reconciles, writes quarantine.jsonl,
    manifest.json and finally _SUCCESS.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime as _dt
 import functools
@@ -36,6 +39,9 @@ from etl.sharding import order_key, shard_of
 log = logging.getLogger(__name__)
 
 TFRECORD_LABEL_OFFSET = 1  # the reference ImageNet converter numbers labels from 1
+# Spark job descriptions (shown in the UI; bench/etl_throughput.py reads stage timings by them).
+ENUMERATE_PHASE = "bigticket etl: enumerate and count inputs"
+WRITE_PHASE = "bigticket etl: read, decode, resize and write shards"
 
 
 class EtlError(RuntimeError):
@@ -57,10 +63,11 @@ def dataset_hash(settings: EtlSettings) -> str:
 # ---------------------------------------------------------------------------- executor functions
 # Module-level functions bound with functools.partial, so Spark pickles only what they need.
 
-def _enumerate(source, indexed_unit) -> Iterator[tuple[str, str]]:
-    _, unit = indexed_unit
-    for record in source.records(unit):
-        yield record.split, record.key
+def _enumerate(source, indexed_units: Iterable) -> Iterator[tuple[int, InputRecord]]:
+    faults.maybe_fail("enumerate")
+    for unit_index, unit in indexed_units:
+        for record in source.records(unit):
+            yield unit_index, record
 
 
 def _quarantine(record: InputRecord, reason: str, detail: str) -> QuarantineEntry:
@@ -84,24 +91,49 @@ def _process_one(record: InputRecord, load, classes: list[ClassInfo], policy: Re
                     jpeg=encoded.jpeg, height=encoded.height, width=encoded.width)
 
 
-def _process_partition(source, slots: dict[tuple[str, int], int], done: frozenset[int],
-                       shard_counts: dict[str, int], seed: int, classes: list[ClassInfo],
-                       policy: ResizePolicy, quality: int, limits: ImageLimits,
-                       indexed_units: Iterable) -> Iterator[tuple[tuple, Any]]:
-    faults.maybe_fail("process")
-    for _, unit in indexed_units:
-        with source.open_unit(unit) as load:
-            for record in source.records(unit):
-                shard = shard_of(seed, record.split, record.key, shard_counts[record.split])
-                slot = slots[(record.split, shard)]
-                if slot in done:
-                    continue
-                value = _process_one(record, load, classes, policy, quality, limits)
-                yield (slot, order_key(seed, record.split, record.key)), value
+class _UnitLoaders:
+    """Open units (archive handles, parsed batches) of one task, least recently used closed first.
+
+    A shard's records come from many units in seeded order; keeping a few open avoids reopening
+    one per record, and the bound keeps file handles and memory in check.
+    """
+
+    def __init__(self, source, units: list, capacity: int = 32):
+        self._source, self._units, self._capacity = source, units, capacity
+        self._open: collections.OrderedDict[int, tuple[contextlib.ExitStack, Any]] = \
+            collections.OrderedDict()
+
+    def loader(self, unit_index: int):
+        if unit_index in self._open:
+            self._open.move_to_end(unit_index)
+            return self._open[unit_index][1]
+        if len(self._open) >= self._capacity:
+            self._open.popitem(last=False)[1][0].close()
+        stack = contextlib.ExitStack()
+        load = stack.enter_context(self._source.open_unit(self._units[unit_index]))
+        self._open[unit_index] = (stack, load)
+        return load
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+
+@dataclasses.dataclass(frozen=True)
+class _ImageJob:
+    """What a shard task needs to turn records into images (pickled once per task)."""
+
+    source: Any
+    units: list
+    classes: list[ClassInfo]
+    policy: ResizePolicy
+    quality: int
+    limits: ImageLimits
 
 
 def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str, ...],
-                     dataset_id: str, partition: int, items: Iterator) -> Iterator[str]:
+                     dataset_id: str, job: _ImageJob, partition: int,
+                     items: Iterator) -> Iterator[str]:
     from etl.shard_writer import write_shard
 
     faults.maybe_fail("write")
@@ -111,16 +143,22 @@ def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str
     if sidecar.exists():  # committed by an earlier attempt or run
         return iter([str(sidecar)])
     quarantined: list[QuarantineEntry] = []
+    loaders = _UnitLoaders(job.source, job.units)
 
     def rows() -> Iterator[ImageRow]:
-        for _, value in items:
+        for _, (unit_index, record) in items:
+            value = _process_one(record, loaders.loader(unit_index), job.classes, job.policy,
+                                 job.quality, job.limits)
             if isinstance(value, QuarantineEntry):
                 quarantined.append(value)
             else:
                 yield value
 
-    files = write_shard(rows(), paths, slot.split, slot.index, slot.count, formats,
-                        label_offset=TFRECORD_LABEL_OFFSET)
+    try:
+        files = write_shard(rows(), paths, slot.split, slot.index, slot.count, formats,
+                            label_offset=TFRECORD_LABEL_OFFSET)
+    finally:
+        loaders.close()
     faults.maybe_fail("commit")  # between the shard rename and its sidecar: the worst moment to die
     write_json(sidecar, {
         "dataset": dataset_id, "split": slot.split, "index": slot.index, "count": slot.count,
@@ -187,18 +225,17 @@ def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dic
     indexed_units = list(enumerate(units))
     n_slices = max(1, min(len(units), sc.defaultParallelism * 4))
 
-    sc.setJobDescription("bigticket etl: count inputs")
-    units_rdd = sc.parallelize(indexed_units, n_slices)
-    keys = units_rdd.flatMap(functools.partial(_enumerate, source)).cache()
-    inputs = keys.map(lambda sk: (sk[0], 1)).reduceByKey(operator.add).collectAsMap()
+    sc.setJobDescription(ENUMERATE_PHASE)
+    records = sc.parallelize(indexed_units, n_slices).mapPartitions(
+        functools.partial(_enumerate, source)).cache()
+    inputs = records.map(lambda ur: (ur[1].split, 1)).reduceByKey(operator.add).collectAsMap()
     unknown = set(inputs) - set(SPLITS)
     if unknown:
         raise EtlError(f"source {settings.source} produced unknown splits {sorted(unknown)}")
-    distinct = keys.distinct().count()
+    distinct = records.map(lambda ur: ur[1].key).distinct().count()
     if distinct != sum(inputs.values()):
         raise EtlError(f"source {settings.source} produced {sum(inputs.values()) - distinct} "
                        "duplicate input keys; every input must have a unique key")
-    keys.unpersist()
     splits = [s for s in SPLITS if inputs.get(s, 0) > 0]
     log.info("inputs: %s", ", ".join(f"{s}={inputs[s]}" for s in splits))
 
@@ -212,16 +249,27 @@ def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dic
         paths.split_dir(split).mkdir(parents=True, exist_ok=True)
         clean_stale_temps(paths, split)
 
-    sc.setJobDescription("bigticket etl: decode, resize, write shards")
-    processed = units_rdd.mapPartitions(functools.partial(
-        _process_partition, source, slots, done,
-        {s: settings.shards_for(s) for s in splits}, settings.seed, classes,
-        ResizePolicy.parse(settings.resize), settings.quality,
-        ImageLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)))
-    shuffled = processed.repartitionAndSortWithinPartitions(
-        numPartitions=len(slot_table), partitionFunc=lambda key: key[0])
-    shuffled.mapPartitionsWithIndex(functools.partial(
-        _write_partition, str(paths.root), slot_table, settings.formats, dataset_id)).count()
+    sc.setJobDescription(WRITE_PHASE)
+    shard_counts = {s: settings.shards_for(s) for s in splits}
+    seed = settings.seed
+
+    def by_shard(unit_record):
+        record = unit_record[1]
+        slot = slots[(record.split, shard_of(seed, record.split, record.key,
+                                             shard_counts[record.split]))]
+        return (slot, order_key(seed, record.split, record.key)), unit_record
+
+    image_job = _ImageJob(source, units, classes, ResizePolicy.parse(settings.resize),
+                          settings.quality, ImageLimits(max_bytes=settings.max_image_bytes,
+                                                        max_pixels=settings.max_image_pixels))
+    (records.map(by_shard)
+     .filter(lambda item: item[0][0] not in done)
+     .repartitionAndSortWithinPartitions(numPartitions=len(slot_table),
+                                         partitionFunc=lambda key: key[0])
+     .mapPartitionsWithIndex(functools.partial(
+         _write_partition, str(paths.root), slot_table, settings.formats, dataset_id, image_job))
+     .count())
+    records.unpersist()
 
     manifest = _finish(paths, settings, dataset_id, source.describe(), classes, slot_table, inputs)
     validate_manifest(manifest, paths.root)

@@ -7,6 +7,7 @@ their meta files go through etl.sources.safe_pickle: only NumPy arrays and plain
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -235,20 +236,27 @@ def _str_keys(obj: Any, origin: str) -> dict:
     return {k.decode("latin-1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
-class _OneBatchCache:
-    """The last parsed batch per process: records() and the loader of one task share it."""
+class _BatchCache:
+    """Parsed batches per process, least recently used dropped first.
 
-    def __init__(self):
+    A shard task reads its records in seeded order, which visits every batch of the split in turn;
+    holding all of a split's batches (CIFAR has at most 5 train batches of 30 MB) avoids re-parsing.
+    """
+
+    def __init__(self, capacity: int = 6):
         self._lock = threading.Lock()
-        self._key: Any = None
-        self._value: Any = None
+        self._capacity = capacity
+        self._items: "collections.OrderedDict[Any, Any]" = collections.OrderedDict()
 
     def get(self, key, make):
         with self._lock:
-            if self._key != key:
-                self._key, self._value = None, None  # free the old batch before parsing
-                self._value, self._key = make(), key
-            return self._value
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            while len(self._items) >= self._capacity:
+                self._items.popitem(last=False)  # free before parsing the next one
+            value = self._items[key] = make()
+            return value
 
 
-_CACHE = _OneBatchCache()
+_CACHE = _BatchCache()

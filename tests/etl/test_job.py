@@ -132,7 +132,7 @@ def test_failed_and_dying_tasks_are_retried_exactly(digits_clean, tmp_path):
     clean_out, clean_manifest = digits_clean
     out = tmp_path / "digits"
     proc = _run_cli(out, "local[2,4]",
-                    faults="raise@process:0;die@process:1;raise@write:0;die@write:2;die@commit:3")
+                    faults="raise@enumerate:0;die@enumerate:1;raise@write:0;die@write:2;die@commit:3")
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr.decode()[-3000:]
     assert _stable(load_manifest(out)) == _stable(clean_manifest)
