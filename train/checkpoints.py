@@ -1,0 +1,119 @@
+"""Rewind (late-reset) points and the checkpoint files of a dense run.
+
+A rewind point is written `<N>ep` (after N epochs) or `<N>it` (after N optimizer steps); `0ep` and
+`0it` are the initialisation. Points become global step numbers once steps per epoch are known.
+Checkpoints are Keras `.weights.h5` files (with the optimizer's state once the model is compiled),
+written under a temporary name and renamed: Keras writes in place, so a kill mid-write would
+otherwise leave a truncated file under the final name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterable
+
+from common.atomic import temp_name
+from common.paths import DenseRunPaths
+
+log = logging.getLogger(__name__)
+
+_POINT = re.compile(r"^(\d{1,9})(ep|it)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewindPoint:
+    count: int
+    unit: str  # "ep" or "it"
+
+    @classmethod
+    def parse(cls, text: str) -> "RewindPoint":
+        match = _POINT.match(str(text).strip().lower())
+        if not match:
+            raise ValueError(f"rewind: {text!r} is not a rewind point (write e.g. 0ep, 3ep or 500it)")
+        return cls(int(match.group(1)), match.group(2))
+
+    @property
+    def label(self) -> str:
+        return f"{self.count}{self.unit}"
+
+    def step(self, steps_per_epoch: int) -> int:
+        return self.count * steps_per_epoch if self.unit == "ep" else self.count
+
+
+def rewind_steps(points: Iterable[str], steps_per_epoch: int, total_steps: int) -> dict[str, int]:
+    """label -> global step; ValueError naming the point when it lies past the end of training."""
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps per epoch must be >= 1, got {steps_per_epoch}")
+    out = {}
+    for text in points:
+        point = RewindPoint.parse(text)
+        step = point.step(steps_per_epoch)
+        if step > total_steps:
+            raise ValueError(
+                f"rewind: {point.label} is step {step}, past the end of training "
+                f"({total_steps} steps = epochs x {steps_per_epoch} steps per epoch)")
+        out[point.label] = step
+    return out
+
+
+def save_weights_atomic(model, path: str | os.PathLike) -> Path:
+    """model.save_weights to a hidden temporary sibling (with the `.weights.h5` suffix Keras
+    demands), then rename over `path`."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final, tag="part")
+    tmp_h5 = tmp.with_name(tmp.name + ".weights.h5")
+    try:
+        model.save_weights(str(tmp_h5))
+        with open(tmp_h5, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_h5, final)
+    finally:
+        for leftover in (tmp, tmp_h5):
+            leftover.unlink(missing_ok=True)
+    return final
+
+
+def save_checkpoint(model, run: DenseRunPaths, name: str) -> Path:
+    path = save_weights_atomic(model, run.checkpoint(name))
+    log.info("checkpoint %s -> %s", name, path)
+    return path
+
+
+def list_checkpoints(run: DenseRunPaths) -> list[str]:
+    """Names of the complete checkpoints of a run (temporary files are hidden and excluded)."""
+    if not run.checkpoints.is_dir():
+        return []
+    suffix = ".weights.h5"
+    return sorted(p.name[: -len(suffix)] for p in run.checkpoints.iterdir()
+                  if p.name.endswith(suffix) and not p.name.startswith("."))
+
+
+def load_checkpoint(run_dir: str | os.PathLike, name: str):
+    """Rebuild the run's model from its settings.json and load checkpoint `name` into it.
+
+    For the lottery stage: returns an uncompiled keras.Model (optimizer state in the file is
+    not restored). `name` is 'init', 'final' or a rewind label such as '3ep'.
+    """
+    from common.atomic import read_json
+    from train.models import build_model
+
+    run = DenseRunPaths(Path(run_dir))
+    if not run.settings.is_file():
+        raise FileNotFoundError(f"{run.settings}: not a dense run directory (no settings.json)")
+    if name not in ("init", "final"):
+        name = RewindPoint.parse(name).label
+    path = run.checkpoint(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint {name!r} (have: {list_checkpoints(run)})")
+    saved = read_json(run.settings)
+    settings = saved["settings"]
+    model = build_model(settings["model"], saved["num_classes"], settings["input_size"],
+                        **settings.get("model_options", {}))
+    # skip_mismatch=False: a file from another architecture must fail loudly. The file may hold
+    # optimizer variables; an uncompiled model has no optimizer, so Keras ignores them.
+    model.load_weights(str(path))
+    return model

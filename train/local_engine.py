@@ -1,0 +1,294 @@
+"""The `local` and `multiworker` engines: Keras fit under a tf.distribute strategy.
+
+`local`: one process, `MirroredStrategy` over the visible GPUs when there are several; with one
+GPU or none, the default strategy (same maths, none of the cross-device overhead).
+`multiworker`: `MultiWorkerMirroredStrategy`, with `SlurmClusterResolver` under SLURM and TF_CONFIG
+otherwise; every worker runs the same driver loop (collectives need all of them), only the chief
+writes files.
+
+Engines only train: the driver (`train.run`) owns epochs, the learning rate, evaluation,
+history and checkpoints. An engine trains one epoch at a time and stops at the exact global steps
+the driver asks for (rewind points) to let it save weights.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Callable, Sequence
+
+from train.data import DatasetInfo, make_dataset
+from train.settings import DenseSettings
+
+log = logging.getLogger(__name__)
+
+
+def configure_tensorflow(settings: DenseSettings) -> None:
+    """Process-wide TensorFlow/Keras set-up; call before any model or strategy is built."""
+    import tensorflow as tf
+
+    if settings.deterministic:
+        # Same seed -> same weights, which resumed runs and engine comparisons rely on.
+        tf.config.experimental.enable_op_determinism()
+    _set_precision(settings.mixed_precision)
+
+
+def _set_precision(mixed: bool) -> None:
+    """mixed_float16 when asked for and a GPU is visible; float32 otherwise (CPUs gain nothing)."""
+    import keras
+    import tensorflow as tf
+
+    if mixed and tf.config.list_physical_devices("GPU"):
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    else:
+        if mixed:
+            log.info("mixed_precision: no GPU visible, training in float32")
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def optimizer_builder(settings: DenseSettings) -> Callable:
+    """A zero-argument factory of the run's optimizer at the base learning rate (the driver sets
+    the rate per epoch); captures plain values only, so cloudpickle ships it to Spark workers."""
+    kind, lr, momentum = settings.optimizer, settings.lr, settings.momentum
+    wd = settings.weight_decay or None  # decoupled weight decay, applied by the optimizer
+
+    def factory():
+        import keras
+
+        if kind == "sgd":
+            return keras.optimizers.SGD(learning_rate=lr, momentum=momentum, weight_decay=wd)
+        return keras.optimizers.Adam(learning_rate=lr, weight_decay=wd)
+
+    return factory
+
+
+def make_optimizer(settings: DenseSettings):
+    return optimizer_builder(settings)()
+
+
+def compile_kwargs() -> dict:
+    """loss/metrics every engine compiles with (models output softmax probabilities)."""
+    return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+
+
+def set_learning_rate(model, lr: float) -> None:
+    optimizer = model.optimizer
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # LossScaleOptimizer wraps the real one
+    inner.learning_rate.assign(lr)
+
+
+def model_builder(settings: DenseSettings, num_classes: int) -> Callable:
+    """A zero-argument, picklable-by-cloudpickle factory of the run's uncompiled model, seeded
+    so that every engine (and every Spark worker) starts from the same initial weights."""
+    name, options, size, seed = settings.model, dict(settings.model_options), settings.input_size, settings.seed
+    mixed = settings.mixed_precision
+
+    def factory():
+        import keras
+
+        from train.models import build_model
+
+        _set_precision(mixed)  # also on Spark executors, which never ran configure_tensorflow
+        keras.utils.set_random_seed(seed)
+        return build_model(name, num_classes, size, **options)
+
+    return factory
+
+
+def _stop_at_steps(first_step: int, stops: Sequence[int], at_stop: Callable[[int], None]):
+    """A Keras callback calling `at_stop(global_step)` after the batches that end at `stops`."""
+    import keras
+
+    wanted = set(stops)
+
+    class StopAtSteps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            step = first_step + batch + 1
+            if step in wanted:
+                at_stop(step)
+
+    return StopAtSteps()
+
+
+def _count_steps(done: list):
+    import keras
+
+    class CountSteps(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            done.append(batch)
+
+    return CountSteps()
+
+
+def _strategy(multiworker: bool):
+    import tensorflow as tf
+
+    if not multiworker:
+        # MirroredStrategy over one device does the same maths as the default strategy but
+        # costs ~40% of a small model's step time on CPU (bench/train_throughput.py, part b).
+        if len(tf.config.list_logical_devices("GPU")) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if "SLURM_JOB_ID" in os.environ and "TF_CONFIG" not in os.environ:
+        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+    else:
+        resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)
+
+
+class LocalEngine:
+    """Keras fit, one epoch per call, under MirroredStrategy or MultiWorkerMirroredStrategy."""
+
+    def __init__(self, settings: DenseSettings, info: DatasetInfo, *, multiworker: bool = False):
+        self.settings = settings
+        self.info = info
+        self.strategy = _strategy(multiworker)
+        resolver = getattr(self.strategy, "cluster_resolver", None)
+        spec = resolver.cluster_spec().as_dict() if multiworker and resolver is not None else {}
+        if spec:
+            # tf.distribute's convention: the "chief" task if there is one, else worker 0, is
+            # the chief; both kinds train, chief first in the worker numbering.
+            chiefs = len(spec.get("chief", []))
+            self.num_workers = chiefs + len(spec.get("worker", []))
+            self.is_chief = (resolver.task_type == "chief" if chiefs
+                             else int(resolver.task_id) == 0)
+            self.worker_index = 0 if resolver.task_type == "chief" else chiefs + int(resolver.task_id)
+        else:
+            self.worker_index, self.num_workers, self.is_chief = 0, 1, True
+        # Every worker must run the same number of steps (collectives), so with several workers
+        # an epoch is the smallest worker's full global batches, each giving `workers` steps'
+        # worth of per-replica pieces (see _train_data).
+        if self.num_workers > 1:
+            n = self.num_workers
+            self.steps_per_epoch = n * min(
+                info.steps("train", settings.batch_size * n, w, n, drop_remainder=True,
+                           fmt=settings.format) for w in range(n))
+        else:
+            self.steps_per_epoch = info.steps("train", settings.batch_size, fmt=settings.format)
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"batch_size: {settings.batch_size} leaves no full training step "
+                             f"per worker on {info.records['train']} records")
+        with self.strategy.scope():
+            self.model = model_builder(settings, info.num_classes)()
+            self.model.compile(optimizer=make_optimizer(settings), **compile_kwargs())
+            # Slots exist before any step, so the init checkpoint holds the optimizer at step 0.
+            self.model.optimizer.build(self.model.trainable_variables)
+        log.info("engine %s: %d replica(s), worker %d of %d, %d steps per epoch",
+                 "multiworker" if multiworker else "local", self.strategy.num_replicas_in_sync,
+                 self.worker_index, self.num_workers, self.steps_per_epoch)
+
+    def _train_data(self, epoch: int):
+        s = self.settings
+        kwargs = dict(training=True, input_size=s.input_size, fmt=s.format, seed=s.seed,
+                      epoch=epoch, cache=s.cache, augment=s.augment,
+                      shuffle_buffer=s.shuffle_buffer)
+        if self.num_workers == 1:
+            return make_dataset(self.info, "train", batch_size=s.batch_size, **kwargs)
+        # Each worker reads only its own share (auto-sharding is off in make_dataset). Keras
+        # splits each batch of the global size (batch_size x workers) into per-replica pieces
+        # of batch_size, and a worker's replica consumes one piece of its own data per step.
+        return make_dataset(self.info, "train", batch_size=s.batch_size * self.num_workers,
+                            worker_index=self.worker_index, num_workers=self.num_workers,
+                            drop_remainder=True, **kwargs)
+
+    def train_epoch(self, epoch: int, lr: float, stops: Sequence[int] = (),
+                    at_stop: Callable[[int], None] | None = None) -> dict[str, float]:
+        """Train epoch `epoch` at learning rate `lr`; call at_stop(step) after each global step
+        in `stops`. Returns the epoch's training metrics (loss, accuracy, images_per_s)."""
+        set_learning_rate(self.model, lr)
+        done = []
+        callbacks = [_count_steps(done)]
+        if stops and at_stop is not None:
+            callbacks.append(_stop_at_steps(epoch * self.steps_per_epoch, stops, at_stop))
+        t0 = time.perf_counter()
+        if self.num_workers > 1:
+            metrics = self._multiworker_epoch(self._train_data(epoch), callbacks)
+        else:
+            # The dataset's end is the epoch's end (exactly steps_per_epoch batches).
+            history = self.model.fit(self._train_data(epoch), epochs=epoch + 1,
+                                     initial_epoch=epoch, callbacks=callbacks, shuffle=False,
+                                     verbose=0)
+            metrics = {k: float(v[-1]) for k, v in history.history.items()}
+        elapsed = time.perf_counter() - t0
+        if len(done) != self.steps_per_epoch:  # the data ran out early: an epoch is wrong
+            raise RuntimeError(f"epoch {epoch + 1}: trained {len(done)} steps, expected "
+                               f"{self.steps_per_epoch}")
+        images = (self.info.records["train"] if self.num_workers == 1
+                  else self.steps_per_epoch * self.settings.batch_size * self.num_workers)
+        metrics["images_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        return metrics
+
+    def _multiworker_epoch(self, dataset, callbacks) -> dict[str, float]:
+        """One epoch of a plain strategy.run loop: Keras 3's fit fails under
+        MultiWorkerMirroredStrategy (keras-team/keras#20585, PerReplica conversion error)."""
+        import keras
+        import tensorflow as tf
+
+        model, strategy = self.model, self.strategy
+        global_batch = self.settings.batch_size * self.num_workers
+        if getattr(self, "_step_fn", None) is None:
+            def replica_step(x, y):
+                with tf.GradientTape() as tape:
+                    probs = model(x, training=True)
+                    per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
+                    loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                grads = tape.gradient(loss, model.trainable_variables)
+                model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+                correct = tf.reduce_sum(tf.cast(tf.equal(
+                    tf.argmax(probs, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)),
+                    tf.float32))
+                return loss, correct
+
+            @tf.function
+            def step(batch):
+                loss, correct = strategy.run(replica_step, args=batch)
+                return (strategy.reduce("SUM", loss, axis=None),
+                        strategy.reduce("SUM", correct, axis=None))
+
+            self._step_fn = step
+        iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        loss_sum = correct_sum = 0.0
+        for cb in callbacks:
+            cb.set_model(model)
+        for batch_index in range(self.steps_per_epoch):
+            loss, correct = self._step_fn(next(iterator))
+            loss_sum += float(loss)
+            correct_sum += float(correct)
+            for cb in callbacks:
+                cb.on_train_batch_end(batch_index)
+        return {"loss": loss_sum / self.steps_per_epoch,
+                "accuracy": correct_sum / (self.steps_per_epoch * global_batch)}
+
+    def evaluate(self) -> dict[str, float]:
+        if self.num_workers > 1:
+            return _evaluate_locally(self.model, self.settings, self.info)
+        return evaluate_model(self.model, self.settings, self.info)
+
+    def close(self) -> None:
+        pass
+
+
+def evaluate_model(model, settings: DenseSettings, info: DatasetInfo) -> dict[str, float]:
+    """val_loss / val_accuracy over every validation record, exactly once."""
+    data = make_dataset(info, "validation", batch_size=settings.batch_size, training=False,
+                        input_size=settings.input_size, fmt=settings.format, cache=settings.cache)
+    result = model.evaluate(data, verbose=0, return_dict=True)
+    return {f"val_{k}": float(v) for k, v in result.items()}
+
+
+def _evaluate_locally(model, settings: DenseSettings, info: DatasetInfo) -> dict[str, float]:
+    """The same metrics without Keras' evaluate (which fails under MultiWorkerMirroredStrategy):
+    every worker scores the whole validation split itself, so all report the same numbers."""
+    import keras
+    import tensorflow as tf
+
+    data = make_dataset(info, "validation", batch_size=settings.batch_size, training=False,
+                        input_size=settings.input_size, fmt=settings.format, cache=settings.cache)
+    loss_sum = correct = count = 0.0
+    for x, y in data:
+        probs = model(x, training=False)
+        loss_sum += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs)))
+        correct += float(tf.reduce_sum(tf.cast(tf.equal(
+            tf.argmax(probs, axis=-1, output_type=tf.int32), y), tf.float32)))
+        count += int(y.shape[0])
+    return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
