@@ -1,0 +1,1 @@
+"""The lottery stage: weight statistics, masks, masked retraining, IMP, the grid and its reports."""

@@ -1,0 +1,331 @@
+"""Planning a lottery grid: its directory, weight statistics, masks and the task list.
+
+`plan(run_dir, settings)` is idempotent: the grid directory is named by the hash of the resolved
+settings, every mask file is written only if missing, and `settings.json` (which holds the task
+list) is written last, so its presence means the plan is complete; planning again changes nothing.
+
+A task is one schedulable unit, a JSON object (all values JSON types):
+
+    task_id     str   unique, file-name safe; names results/<task_id>.json and claims/<task_id>.claim
+    kind        str   "oneshot" (one mask, one retraining) or "imp" (a chain of imp_rounds rounds)
+    mask_id     str | None   masks/<mask_id>.npz to apply (None for imp: the chain makes its own)
+    base_mask_id str | None  for control random_mask: the magnitude mask whose per-layer sparsity it copies
+    rewind      str   checkpoint of the dense run to start from: init, final, 3ep, 500it
+    control     str   "none", "random_reinit" (same mask, fresh init, seed below) or "random_mask"
+    scope       str   "global" or "layer"
+    threshold   dict | None  {"kind": "sparsity" | "quantile", "value": float} (None for imp)
+    sparsity    float target sparsity (oneshot: the mask's real sparsity; imp: after the last round)
+    exclude     list[str]  weight-name patterns never pruned
+    epochs      int   retraining epochs per round (default: the dense run's)
+    imp_rounds  int   rounds of the chain (0 for oneshot)
+    imp_rate    float fraction of the remaining weights pruned per round (0 for oneshot)
+    seed        int   per-task seed (random re-init, data order)
+    cost        float estimated cost in epochs of training (rounds x epochs); larger runs first
+
+Tasks are ordered longest first (cost descending), then earliest rewind first, so a dynamic
+scheduler that hands them out in order finishes the long ones early.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from common.atomic import read_json, write_json
+from common.paths import DenseRunPaths, GridPaths, SUCCESS
+from common.settings import SCHEMA_VERSION, SettingsError, settings_hash, settings_to_dict
+from lottery.settings import GridSettings
+
+log = logging.getLogger(__name__)
+
+PLAN_KIND = "lottery-grid"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the grid needs to know about a finished dense run."""
+
+    paths: DenseRunPaths
+    epochs: int
+    saved_points: tuple[str, ...]          # checkpoint names: init, final, 3ep, ...
+    positions: Mapping[str, float]         # checkpoint name -> position in training (epochs)
+
+
+def _point_position(name: str, epochs: int, steps_per_epoch: int | None) -> float | None:
+    if name == "init":
+        return 0.0
+    if name == "final":
+        return float(epochs)
+    from train.checkpoints import RewindPoint
+
+    point = RewindPoint.parse(name)
+    if point.unit == "ep":
+        return float(point.count)
+    return None if not steps_per_epoch else point.count / steps_per_epoch
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    """Check that `run_dir` is a finished dense run; its epochs and saved checkpoints."""
+    from train.checkpoints import list_checkpoints
+
+    run = DenseRunPaths(Path(run_dir))
+    if not run.settings.is_file():
+        raise SettingsError(f"--run {run.root}: not a dense run directory (no settings.json)")
+    if not run.success.is_file():
+        raise SettingsError(f"--run {run.root}: the dense run is not finished (no {SUCCESS})")
+    saved = read_json(run.settings)
+    dense = saved.get("settings", saved) if isinstance(saved, dict) else {}
+    epochs = dense.get("epochs") if isinstance(dense, dict) else None
+    if not isinstance(epochs, int) or epochs < 1:
+        raise SettingsError(f"{run.settings}: field settings.epochs is missing or invalid")
+    steps = saved.get("steps_per_epoch")
+    points = tuple(list_checkpoints(run))
+    if not points:
+        raise SettingsError(f"{run.checkpoints}: the dense run saved no checkpoints")
+    positions: dict[str, float] = {}
+    unknown = []
+    for name in points:
+        try:
+            pos = _point_position(name, epochs, steps if isinstance(steps, int) else None)
+        except ValueError:
+            continue  # a checkpoint name that is not a rewind point (never offered)
+        if pos is None:
+            unknown.append(name)
+        else:
+            positions[name] = pos
+    if unknown:
+        # Without steps per epoch an 'it' point cannot be compared with an 'ep' point; the
+        # checkpoint files were written in training order, so their mtimes order them.
+        log.warning("%s: no steps_per_epoch; ordering %s by checkpoint time", run.settings, unknown)
+        times = {n: run.checkpoint(n).stat().st_mtime_ns for n in points}
+        for name in unknown:
+            before = [positions[n] for n in positions if times[n] <= times[name]]
+            positions[name] = max(before, default=0.0) + 1e-6
+    return RunInfo(run, epochs, tuple(n for n in points if n in positions), positions)
+
+
+def resolve_settings(settings: GridSettings, run: RunInfo) -> GridSettings:
+    """Fill the defaults that come from the dense run; check rewinds against its checkpoints."""
+    for label in settings.rewind:
+        if label not in run.saved_points:
+            raise SettingsError(
+                f"rewind: {label!r} is not a saved point of the dense run {run.paths.root} "
+                f"(saved: {', '.join(run.saved_points)})")
+    if settings.epochs is None:
+        settings = dataclasses.replace(settings, epochs=run.epochs)
+    return settings
+
+
+def _fraction_tag(value: float) -> str:
+    return f"{int(round(value * 10000)):04d}"
+
+
+def mask_id(scope: str, kind: str, value: float) -> str:
+    """e.g. global-s9000 (sparsity 0.9), layer-q5000 (quantile 0.5)."""
+    return f"{scope}-{kind}{_fraction_tag(value)}"
+
+
+def random_mask_id(base: str, seed: int) -> str:
+    return f"{base}-random{seed}"
+
+
+def _derived_seed(seed: int, name: str) -> int:
+    """A per-task seed that is stable across runs and machines (hash() is salted per process)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)
+
+
+def build_tasks(settings: GridSettings, positions: Mapping[str, float],
+                mask_sparsity: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The deterministic task list of resolved settings (see the module docstring)."""
+    if settings.epochs is None:
+        raise ValueError("build_tasks needs resolved settings (epochs set)")
+    tasks: list[dict[str, Any]] = []
+    common = {"scope": settings.scope, "exclude": list(settings.exclude), "epochs": settings.epochs}
+    for kind, value in settings.thresholds:
+        mid = mask_id(settings.scope, kind, value)
+        threshold = {"kind": "sparsity" if kind == "s" else "quantile", "value": value}
+        for rewind in settings.rewind:
+            for control in ("none", *settings.controls):
+                task_id = f"oneshot-{mid}-{rewind}-{control}"
+                seed = _derived_seed(settings.seed, task_id)
+                use_mask = mid
+                if control == "random_mask":
+                    use_mask = random_mask_id(mid, _derived_seed(settings.seed, mid))
+                tasks.append({
+                    "task_id": task_id, "kind": "oneshot", "mask_id": use_mask,
+                    "base_mask_id": mid if control == "random_mask" else None,
+                    "rewind": rewind, "control": control, "threshold": threshold,
+                    "sparsity": float(mask_sparsity[use_mask]), "imp_rounds": 0, "imp_rate": 0.0,
+                    "seed": seed, "cost": float(settings.epochs), **common,
+                })
+    if settings.imp_rounds:
+        final_sparsity = 1.0 - (1.0 - settings.imp_rate) ** settings.imp_rounds
+        for rewind in settings.rewind:
+            task_id = (f"imp-{settings.scope}-r{settings.imp_rounds}-p{_fraction_tag(settings.imp_rate)}"
+                       f"-{rewind}")
+            tasks.append({
+                "task_id": task_id, "kind": "imp", "mask_id": None, "base_mask_id": None,
+                "rewind": rewind, "control": "none", "threshold": None,
+                "sparsity": final_sparsity, "imp_rounds": settings.imp_rounds,
+                "imp_rate": settings.imp_rate, "seed": _derived_seed(settings.seed, task_id),
+                "cost": float(settings.epochs * settings.imp_rounds), **common,
+            })
+    tasks.sort(key=lambda t: (-t["cost"], positions[t["rewind"]], t["task_id"]))
+    return tasks
+
+
+def load_final_weights(run: DenseRunPaths) -> dict[str, np.ndarray]:
+    """The prunable weights of the dense run's final checkpoint (imports TensorFlow)."""
+    from lottery.stats import prunable_weights
+    from train.checkpoints import load_checkpoint
+
+    return prunable_weights(load_checkpoint(run.root, "final"))
+
+
+def _make_mask(weights: Mapping[str, np.ndarray], settings: GridSettings, kind: str, value: float):
+    from lottery import masks
+
+    exclude = tuple(settings.exclude)
+    try:
+        if kind == "q":
+            return masks.mask_from_quantile(weights, value, scope=settings.scope, exclude=exclude)
+        if settings.scope == "global":
+            return masks.global_magnitude_mask(weights, value, exclude=exclude)
+        return masks.layerwise_magnitude_mask(weights, value, exclude=exclude)
+    except ValueError as err:  # e.g. an exclude pattern that matches no weight
+        raise SettingsError(f"exclude: {err}" if "exclude" in str(err) else str(err)) from None
+
+
+def _write_masks(grid: GridPaths, settings: GridSettings,
+                 weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """masks/<id>.npz for every threshold (and its random twin); returns id -> description."""
+    from lottery import masks
+
+    described: dict[str, dict[str, Any]] = {}
+    for kind, value in settings.thresholds:
+        mid = mask_id(settings.scope, kind, value)
+        wanted = [(mid, None)]
+        if "random_mask" in settings.controls:
+            wanted.append((random_mask_id(mid, _derived_seed(settings.seed, mid)), mid))
+        for this_id, base in wanted:
+            path = grid.mask(this_id)
+            if path.is_file():
+                mask, _meta = masks.load_mask(path)
+            elif base is None:
+                mask = _make_mask(weights, settings, kind, value)
+            else:
+                mask = masks.random_mask_like(masks.load_mask(grid.mask(base))[0],
+                                              seed=_derived_seed(settings.seed, base))
+            real = masks.mask_sparsity(mask)
+            meta = {"mask_id": this_id, "scope": settings.scope, "exclude": list(settings.exclude),
+                    "threshold": {"kind": "sparsity" if kind == "s" else "quantile", "value": value},
+                    "random_of": base, "sparsity": real}
+            if not path.is_file():
+                masks.save_mask(path, mask, meta)
+            described[this_id] = {"file": str(path.relative_to(grid.root)), **meta}
+    return described
+
+
+def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
+         weights: Mapping[str, np.ndarray] | None = None) -> GridPaths:
+    """Write the grid directory of `settings` under the dense run `run_dir`; return its paths.
+
+    `weights` (prunable weights by name) defaults to the run's final checkpoint.
+    """
+    from lottery.stats import weight_stats
+
+    run = read_run(run_dir)
+    resolved = resolve_settings(settings, run)
+    grid = GridPaths.under(run.paths, settings_hash(resolved))
+    if grid.settings.is_file():
+        existing = read_json(grid.settings)
+        if existing.get("settings") != settings_to_dict(resolved):
+            raise SettingsError(f"{grid.settings}: holds other settings than these (hash collision?)")
+        log.info("grid already planned: %s", grid.root)
+        return grid
+    grid.root.mkdir(parents=True, exist_ok=True)
+    if weights is None:
+        weights = load_final_weights(run.paths)
+    if not grid.stats.is_file():
+        write_json(grid.stats, weight_stats(weights))
+    described = _write_masks(grid, resolved, weights)
+    sparsity = {k: float(v["sparsity"]["overall"] if isinstance(v["sparsity"], dict)
+                         else v["sparsity"]) for k, v in described.items()}
+    tasks = build_tasks(resolved, run.positions, sparsity)
+    write_json(grid.settings, {
+        "schema_version": SCHEMA_VERSION, "kind": PLAN_KIND, "hash": grid.root.name.split("-", 1)[1],
+        "settings": settings_to_dict(resolved),
+        "run": {"epochs": run.epochs, "saved_points": list(run.saved_points),
+                "positions": dict(run.positions)},
+        "masks": described, "tasks": tasks,
+    })
+    log.info("planned %d tasks in %s", len(tasks), grid.root)
+    return grid
+
+
+def write_plan(grid: GridPaths, settings: Mapping[str, Any], tasks: list[dict[str, Any]],
+               extra: Mapping[str, Any] | None = None) -> GridPaths:
+    """Write a grid's settings.json with an explicit task list (for workloads planned elsewhere,
+    e.g. benchmarks of the scheduler). `plan` is the normal way to create a grid."""
+    ids = [t["task_id"] for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError("task ids must be unique")
+    for t in tasks:
+        _check_task_id(t["task_id"])
+    write_json(grid.settings, {"schema_version": SCHEMA_VERSION, "kind": PLAN_KIND,
+                               "settings": dict(settings), "tasks": tasks, **dict(extra or {})})
+    return grid
+
+
+def _check_task_id(task_id: str) -> None:
+    # Task ids become file names: no separators, no hidden names, nothing a shell would mangle.
+    if (not task_id or task_id.startswith(".") or len(task_id) > 200
+            or not all(c.isalnum() or c in "-_." for c in task_id)):
+        raise ValueError(f"task_id {task_id!r} is not a safe file name")
+
+
+def load_plan(grid_dir: str | os.PathLike) -> dict[str, Any]:
+    """The grid's settings.json; SettingsError naming the file if it is not a complete plan."""
+    grid = GridPaths(Path(grid_dir))
+    if not grid.settings.is_file():
+        raise SettingsError(f"--grid {grid.root}: not a planned lottery grid (no settings.json; "
+                            f"run `bigticket lottery plan` first)")
+    record = read_json(grid.settings)
+    if not isinstance(record, dict) or record.get("kind") != PLAN_KIND:
+        raise SettingsError(f"{grid.settings}: not a lottery grid plan (kind != {PLAN_KIND!r})")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise SettingsError(f"{grid.settings}: schema_version {record.get('schema_version')} "
+                            f"is not {SCHEMA_VERSION}")
+    tasks = record.get("tasks")
+    if not isinstance(tasks, list) or not all(isinstance(t, dict) and "task_id" in t for t in tasks):
+        raise SettingsError(f"{grid.settings}: field tasks is missing or malformed")
+    for t in tasks:
+        try:
+            _check_task_id(str(t["task_id"]))
+        except ValueError as err:
+            raise SettingsError(f"{grid.settings}: {err}") from None
+    return record
+
+
+def load_tasks(grid_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    return load_plan(grid_dir)["tasks"]
+
+
+def done_ids(grid: GridPaths) -> set[str]:
+    """Task ids with a result file (hidden temporary files of atomic writes are not results)."""
+    if not grid.results.is_dir():
+        return set()
+    return {p.name[:-5] for p in grid.results.iterdir()
+            if p.name.endswith(".json") and not p.name.startswith(".")}
+
+
+def pending_tasks(grid: GridPaths, tasks: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Tasks without a result, in plan order (longest first)."""
+    tasks = load_tasks(grid.root) if tasks is None else tasks
+    done = done_ids(grid)
+    return [t for t in tasks if t["task_id"] not in done]

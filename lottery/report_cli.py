@@ -1,0 +1,31 @@
+"""`bigticket report GRID_DIR`: results tables, report.md and plots of a lottery grid."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("grid", type=Path, help="a lottery grid directory (lottery-<hash>)")
+
+
+def run(args) -> int:
+    from common.settings import SettingsError
+    from lottery.report import build_report
+
+    try:
+        out = build_report(args.grid)
+    except (SettingsError, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    dense = "unknown" if out["dense_accuracy"] is None else f"{out['dense_accuracy']:.4f}"
+    print(f"{out['grid']}: {out['rows']}/{out['total']} points; dense accuracy {dense}\n")
+    print(out["table"])
+    if out["imp_table"]:
+        print(out["imp_table"])
+    for path in (out["report"], out["csv"], out["parquet"], *out["plots"]):
+        print(path)
+    return 0
