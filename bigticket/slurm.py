@@ -1,0 +1,159 @@
+"""`bigticket slurm submit-pipeline`: submit etl -> train -> plan -> lottery -> report to SLURM.
+
+Each stage is one of the sbatch scripts in slurm/, submitted with `sbatch --parsable` and
+`--dependency=afterok:<previous job>`, so a stage starts only when the one before it succeeded
+(add `--sbatch=--kill-on-invalid-dep=yes` to have SLURM cancel the rest of a failed chain).
+Stages hand paths on through small files in --state-dir: the training job saves its run
+directory, the plan job its grid directory.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPTS = {"elephas": "train_elephas.sbatch", "multiworker": "train_multiworker.sbatch"}
+LOTTERY_SCRIPTS = {"mpi": "lottery_mpi.sbatch", "array": "lottery_array.sbatch"}
+
+
+class SubmitError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    script: Path
+    args: list[str]
+    env: dict[str, str]
+
+
+def _words(flag: str, text: str | None) -> list[str]:
+    try:
+        return shlex.split(text or "")
+    except ValueError as err:
+        raise SubmitError(f"{flag}: {err}") from None
+
+
+def pipeline_stages(args: argparse.Namespace) -> list[Stage]:
+    slurm_dir = Path(args.repo) / "slurm"
+    state = Path(args.state_dir or Path(args.runs) / ".pipeline")
+    run_file, grid_file = state / "train.run", state / "lottery.grid"
+    stages = []
+    if not args.skip_etl:
+        stages.append(Stage("etl", slurm_dir / "etl.sbatch",
+                            ["--out", str(args.dataset), *_words("--etl", args.etl)], {}))
+    stages += [
+        Stage("train", slurm_dir / TRAIN_SCRIPTS[args.engine],
+              ["--data", str(args.dataset), "--out", str(args.runs), *_words("--train", args.train)],
+              {"RESULT_FILE": str(run_file)}),
+        Stage("plan", slurm_dir / "lottery_plan.sbatch", [f"@{run_file}", *_words("--plan", args.plan)],
+              {"RESULT_FILE": str(grid_file)}),
+        Stage("lottery", slurm_dir / LOTTERY_SCRIPTS[args.lottery],
+              [f"@{grid_file}", *_words("--lottery-args", args.lottery_args)], {}),
+        Stage("report", slurm_dir / "report.sbatch", [f"@{grid_file}"], {}),
+    ]
+    for stage in stages:
+        if not stage.script.is_file():
+            raise SubmitError(f"--repo {args.repo}: {stage.script} not found")
+    return stages
+
+
+def _sbatch_command(stage: Stage, common: list[str], per_stage: list[str], after: str | None) -> list[str]:
+    dependency = [f"--dependency=afterok:{after}"] if after else []
+    return ["sbatch", "--parsable", *dependency, *common, *per_stage, str(stage.script), *stage.args]
+
+
+def submit_pipeline(args: argparse.Namespace, out=sys.stdout) -> dict[str, str]:
+    """Submit (or, with --dry-run, print) every stage; returns stage name -> job id."""
+    stages = pipeline_stages(args)
+    common = [word for item in args.sbatch or [] for word in _words("--sbatch", item)]
+    per_stage = {name: _words(f"--{name}-sbatch", getattr(args, f"{name}_sbatch"))
+                 for name in ("etl", "train", "plan", "lottery", "report")}
+    base_env = {"BIGTICKET_HOME": str(args.repo), "PYTHON": str(args.python)}
+    if not args.dry_run:
+        Path(args.state_dir or Path(args.runs) / ".pipeline").mkdir(parents=True, exist_ok=True)
+    jobs: dict[str, str] = {}
+    after = None
+    for stage in stages:
+        cmd = _sbatch_command(stage, common, per_stage[stage.name], after)
+        env = {**base_env, **stage.env}
+        if args.dry_run:
+            prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+            print(f"{prefix} {shlex.join(cmd)}", file=out)
+            job = f"<{stage.name}-job-id>"
+        else:
+            done = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True)
+            if done.returncode != 0:
+                _cancel(jobs)
+                raise SubmitError(f"sbatch of stage {stage.name} ({stage.script.name}) failed: "
+                                  f"{done.stderr.strip()}" + (f"; cancelled {', '.join(jobs.values())}"
+                                                              if jobs else ""))
+            job = done.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+            log.info("submitted %s as job %s%s", stage.name, job, f" (after {after})" if after else "")
+            print(f"{stage.name} {job}", file=out)
+        jobs[stage.name] = job
+        after = job
+    return jobs
+
+
+def _cancel(jobs: dict[str, str]) -> None:
+    """A half-submitted chain is useless: cancel what was submitted (only those job ids)."""
+    if jobs:
+        subprocess.run(["scancel", *jobs.values()], capture_output=True, text=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="COMMAND")
+    p = sub.add_parser("submit-pipeline", help="submit etl -> train -> plan -> lottery -> report",
+                       description=__doc__.splitlines()[0])
+    a = p.add_argument
+    a("--dataset", required=True, type=Path, help="dataset directory (written by the etl job)")
+    a("--runs", required=True, type=Path, help="runs root of the training (--out of train dense)")
+    a("--etl", metavar="ARGS", help="flags of `etl prepare` as one word: --etl=\"--source digits --shards 8\"")
+    a("--skip-etl", action="store_true", help="the dataset exists: start with the training")
+    a("--train", metavar="ARGS", help="flags of `train dense` (without --data/--out/--engine)")
+    a("--engine", choices=sorted(TRAIN_SCRIPTS), default="elephas")
+    a("--plan", metavar="ARGS", help="flags of `lottery plan` (without --run)")
+    a("--lottery", choices=sorted(LOTTERY_SCRIPTS), default="mpi", help="grid launcher")
+    a("--lottery-args", metavar="ARGS", help="flags of `lottery run` (without --grid)")
+    a("--sbatch", action="append", metavar="ARGS",
+      help="sbatch options for every stage, e.g. \"--account=proj --partition=gpu\" (repeatable)")
+    for name in ("etl", "train", "plan", "lottery", "report"):
+        a(f"--{name}-sbatch", metavar="ARGS", help=f"sbatch options for the {name} stage only")
+    a("--state-dir", type=Path, help="where stages pass paths on (default RUNS/.pipeline)")
+    a("--repo", type=Path, default=REPO, help="bigticket checkout holding slurm/ (default: this one)")
+    a("--python", type=Path, default=Path(sys.executable), help="the jobs' interpreter")
+    a("--dry-run", action="store_true", help="print the sbatch commands, submit nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        submit_pipeline(args)
+    except (SubmitError, FileNotFoundError) as err:
+        print(f"bigticket slurm submit-pipeline: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bigticket.slurm ...` until the lead registers the stage in bigticket/cli.py."""
+    from common.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="bigticket slurm")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""slurm/lottery_mpi.sbatch and slurm/lottery_array.sbatch under a real SLURM, with a sleep workload."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from common.atomic import read_json
+from lottery.grid import done_ids, load_tasks
+from tests.cluster.slurm_cluster import PYTHON, REPO
+from tests.lottery.workload import completed_executions, make_sleep_grid
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+WORKLOAD = "tests.lottery.workload:sleep_point"
+# The test cluster has no GPUs: the scripts' --gpus-per-node/--gpus are overridden on sbatch's line.
+JOB_ENV = {"PYTHONPATH": str(REPO), "PYTHON": str(PYTHON)}
+
+
+def assert_complete_once(grid):
+    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    assert done_ids(grid) == ids
+    assert completed_executions(grid.root) == {i: 1 for i in ids}
+    for task_id in ids:
+        assert read_json(grid.result(task_id))["task_id"] == task_id
+
+
+def test_dry_runs_print_the_launch_lines(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(PYTHON), "BIGTICKET_HOME": str(REPO),
+           "SLURM_NTASKS": "8", "SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "1",
+           "SLURM_ARRAY_TASK_COUNT": "8"}
+    mpi = subprocess.run(["bash", str(REPO / "slurm" / "lottery_mpi.sbatch"), str(tmp_path / "g")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert mpi.returncode == 0, mpi.stderr
+    assert f"mpiexec -n 8 {PYTHON} -m mpi4py -m lottery run --grid {tmp_path / 'g'}" in mpi.stdout
+    array = subprocess.run(["bash", str(REPO / "slurm" / "lottery_array.sbatch"), str(tmp_path / "g")],
+                           env=env, capture_output=True, text=True, timeout=60)
+    assert array.returncode == 0, array.stderr
+    assert "--array-index 4 --array-count 8" in array.stdout  # 0-based from --array=1-8
+
+
+def test_mpi_grid_survives_a_pre_timeout_signal_and_requeue(slurm, tmp_path):
+    grid = make_sleep_grid(tmp_path, [1.5] * 8)
+    done = slurm.sbatch(["--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2",
+                         "--cpus-per-task=1", "--output", str(tmp_path / "job-%j.out"),
+                         str(REPO / "slurm" / "lottery_mpi.sbatch"), str(grid.root),
+                         "--executor", WORKLOAD], env=JOB_ENV, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 120
+    while len(done_ids(grid)) < 2:  # mid-grid: some points done, others running
+        assert time.monotonic() < deadline and slurm.job_state(job) in ("PENDING", "RUNNING")
+        time.sleep(0.3)
+    # What `--signal=B:USR1@120` does at the time limit, now: the script stops and requeues.
+    signal = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env,
+                            capture_output=True, text=True, timeout=30)
+    assert signal.returncode == 0, signal.stderr
+    assert slurm.wait_finished(job, timeout=240) == "COMPLETED"
+    log = (tmp_path / f"job-{job}.out").read_text()
+    assert "pre-timeout signal (restart 0)" in log and "restart count 1" in log, log[-3000:]
+    assert_complete_once(grid)
+
+
+def test_array_elements_share_the_grid(slurm, tmp_path):
+    grid = make_sleep_grid(tmp_path, [0.5] * 6)
+    done = slurm.sbatch(["--wait", "--array=1-2", "--gpus=0", "--cpus-per-task=1",
+                         "--output", str(tmp_path / "job-%A_%a.out"),
+                         str(REPO / "slurm" / "lottery_array.sbatch"), str(grid.root),
+                         "--executor", WORKLOAD], env=JOB_ENV, cwd=REPO, timeout=240)
+    logs = "".join(p.read_text() for p in sorted(tmp_path.glob("job-*.out")))
+    assert done.returncode == 0, done.stderr + logs[-3000:]
+    assert "--array-index 0 --array-count 2" in logs and "--array-index 1 --array-count 2" in logs
+    assert_complete_once(grid)

@@ -1,0 +1,59 @@
+"""slurm/train_elephas.sbatch (Spark-in-SLURM, CPU) for real; train_multiworker.sbatch as a dry run."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.slurm_cluster import PYTHON, REPO, processes_mentioning, tiny_image_folder
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
+    images = tiny_image_folder(tmp_path / "images")
+    etl = subprocess.run([str(PYTHON), "-m", "bigticket", "etl", "prepare", "--source", "imagenet-folder",
+                          "--input", str(images), "--out", str(tmp_path / "ds"), "--resize", "fixed:8",
+                          "--shards", "2", "--master", "local[1]"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert etl.returncode == 0, etl.stderr[-3000:]
+    (tmp_path / "scratch").mkdir()
+    env = {"SPARK_JOB_DIR": str(tmp_path / "sparkjob"), "SPARK_SCRATCH": str(tmp_path / "scratch"),
+           "PYTHON": str(PYTHON), "RESULT_FILE": str(tmp_path / "run.txt")}
+    done = slurm.sbatch(["--wait", "--gpus-per-node=0", "--nodes=1", "--output", str(tmp_path / "job-%j.out"),
+                         str(REPO / "slurm" / "train_elephas.sbatch"), "--data", str(tmp_path / "ds"),
+                         "--model", "conv_small", "--epochs", "1", "--out", str(tmp_path / "runs"),
+                         "--workers", "2", "--batch-size", "4", "--input-size", "8"],
+                        env=env, cwd=REPO, timeout=400)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert done.returncode == 0, log[-4000:]
+    run = Path((tmp_path / "run.txt").read_text().strip())
+    assert run.parent == tmp_path / "runs" and run.name.startswith("dense-")
+    assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
+    assert "Registering app bigticket-train" in (tmp_path / "sparkjob" / "master.log").read_text()
+    assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_multiworker_dry_run_is_one_srun_per_task(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(PYTHON), "BIGTICKET_HOME": str(REPO)}
+    done = subprocess.run(["bash", str(REPO / "slurm" / "train_multiworker.sbatch"), "--data", "d",
+                           "--model", "resnet20", "--out", "runs"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"+ srun --kill-on-bad-exit=1 {PYTHON} -m bigticket train dense --engine multiworker "
+        "--data d --model resnet20 --out runs"]
+
+
+def test_elephas_dry_run_asks_for_gpus_on_gpu_nodes(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(PYTHON), "BIGTICKET_HOME": str(REPO),
+           "GPUS_PER_NODE": "4", "SPARK_JOB_DIR": str(tmp_path / "job")}
+    done = subprocess.run(["bash", str(REPO / "slurm" / "train_elephas.sbatch"), "--data", "d",
+                           "--model", "resnet20", "--out", "runs"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "GPU resources: 4 per worker and executor, 1 per task" in done.stdout
+    assert str(REPO / "train" / "gpu_discovery.sh") in done.stdout
+    assert "train dense --engine elephas --workers 4 --data d" in done.stdout  # 1 node x 4 GPUs
