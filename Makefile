@@ -27,7 +27,8 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	$(BIN)/python bench/etl_throughput.py
+	for b in etl_throughput train_throughput grid_scaling masked_step; do \
+	  $(BIN)/python bench/$$b.py || exit 1; done
 
 clean-demo:
 	rm -rf $(DEMO_DIR)

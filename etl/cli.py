@@ -41,9 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prep.add_argument("--max-image-bytes", type=int, help="per-image byte cap")
     prep.add_argument("--max-image-pixels", type=int, help="decompression-bomb pixel limit")
 
-    ver = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
-    ver.add_argument("dataset", help="the dataset directory")
-    ver.add_argument("--master", help="Spark master URL (default local[*])")
+    from etl import verify
+
+    verify.add_arguments(sub.add_parser(
+        "verify", help="re-read every shard and check it against the manifest"))
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -78,9 +79,7 @@ def run(args: argparse.Namespace) -> int:
                   f"of {info['inputs']} inputs")
         print(settings.out)
         return 0
-    from etl.verify import verify_dataset
+    from etl import verify
 
-    report = verify_dataset(args.dataset, master=args.master)
-    print(report)
-    return 0 if report.ok else 1
+    return verify.run(args)
 
