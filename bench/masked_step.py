@@ -37,7 +37,7 @@ def _step_time(model, x, y, steps: int) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def measure(name: str, size: int, batch: int, steps: int, repeats: int) -> dict:
+def measure(name: str, size: int, batch: int, steps: int, repeats: int, jit: bool) -> dict:
     import keras
 
     from lottery.masked_training import apply_mask, masked_optimizer
@@ -52,19 +52,20 @@ def measure(name: str, size: int, batch: int, steps: int, repeats: int) -> dict:
 
     dense = build_model(name, num_classes=10, input_size=size)
     dense.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9),
-                  loss="sparse_categorical_crossentropy")
+                  loss="sparse_categorical_crossentropy", jit_compile=jit)
     masked = build_model(name, num_classes=10, input_size=size)
     mask = global_magnitude_mask(prunable_weights(masked), 0.9)
     apply_mask(masked, mask)
     masked.compile(optimizer=masked_optimizer(keras.optimizers.SGD(0.01, momentum=0.9),
                                               masked, mask),
-                   loss="sparse_categorical_crossentropy")
+                   loss="sparse_categorical_crossentropy", jit_compile=jit)
     dense_times, masked_times = [], []
     for _ in range(repeats):
         dense_times.append(_step_time(dense, x, y, steps))
         masked_times.append(_step_time(masked, x, y, steps))
     d, m = float(np.median(dense_times)), float(np.median(masked_times))
-    return {"model": name, "input": size, "batch": batch, "dense_step_s": d, "masked_step_s": m,
+    return {"model": name, "input": size, "batch": batch, "xla": jit, "dense_step_s": d,
+            "masked_step_s": m,
             "ratio": m / d, "target": TARGET, "pass": m / d <= TARGET}
 
 
@@ -74,17 +75,22 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--xla", choices=("off", "on", "both"), default="both",
+                        help="XLA compilation of both steps (Keras enables it on GPUs by default)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "masked_step.json")
     args = parser.parse_args(argv)
     setup_logging()
     rows = []
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.xla]
     for name in args.models.split(","):
-        log.info("timing %s", name)
-        rows.append(measure(name, CASES[name], args.batch, args.steps, args.repeats))
-    print(f"{'model':<16}{'dense ms/step':>15}{'masked ms/step':>16}{'ratio':>8}  target <= {TARGET}")
+        for jit in modes:
+            log.info("timing %s (XLA %s)", name, "on" if jit else "off")
+            rows.append(measure(name, CASES[name], args.batch, args.steps, args.repeats, jit))
+    print(f"{'model':<16}{'XLA':>4}{'dense ms/step':>15}{'masked ms/step':>16}{'ratio':>8}"
+          f"  target <= {TARGET}")
     for r in rows:
-        print(f"{r['model']:<16}{r['dense_step_s'] * 1e3:>15.2f}{r['masked_step_s'] * 1e3:>16.2f}"
-              f"{r['ratio']:>8.2f}  {'PASS' if r['pass'] else 'FAIL'}")
+        print(f"{r['model']:<16}{'on' if r['xla'] else 'off':>4}{r['dense_step_s'] * 1e3:>15.2f}"
+              f"{r['masked_step_s'] * 1e3:>16.2f}{r['ratio']:>8.2f}  {'PASS' if r['pass'] else 'FAIL'}")
     write_json(args.out, {"cases": rows})
     print(f"wrote {args.out}")
     return 0
