@@ -60,6 +60,22 @@ def ensure_packages(timeout: float = 600) -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {done.stderr.strip()[-500:]}")
 
 
+def stop_processes(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Stop exactly these processes, newest first: SIGTERM, then SIGKILL after `timeout` s.
+
+    Tests never stop daemons by name: other jobs on the machine may run the same programs.
+    """
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+            log.info("stopped %s (pid %d)", proc.args[0], proc.pid)
+
+
 class SlurmCluster:
     def __init__(self, workdir: Path, cpus: int = 2):
         self.workdir = Path(workdir)
@@ -180,15 +196,7 @@ PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=U
 
     def stop(self) -> None:
         """Stop exactly the daemons we started, newest first (slurmd, slurmctld, munged)."""
-        for proc in reversed(self._procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
-            log.info("stopped %s (pid %d)", proc.args[0], proc.pid)
+        stop_processes(self._procs, timeout=15)
         self._procs.clear()
 
     # -- helpers for tests --

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
 import socket
 import subprocess
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_cluster import PYTHON, REPO, processes_mentioning, tiny_image_folder
+from tests.cluster.slurm_cluster import (PYTHON, REPO, processes_mentioning, stop_processes,
+                                        tiny_image_folder)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -81,14 +81,7 @@ class Standalone:
                               timeout=timeout, cwd=REPO)
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        stop_processes(self.procs, timeout=30)
 
 
 @pytest.fixture
