@@ -156,11 +156,13 @@ def test_status_shows_progress_running_claims_and_eta(tmp_path):
     before = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert "points done: 0/3" in before.stdout and "ETA: unknown" in before.stdout
     worker = launch(grid, "--heartbeat", "0.2", "--stale-after", "2")
+    # Wait for the state under test: the 3 s point done and the 2 s point running (claimed).
+    # Between two points the worker briefly holds no claim, so sample until both hold.
     deadline = time.time() + 30
-    while not done_ids(grid) and time.time() < deadline:
-        time.sleep(0.02)
-    # The 3 s point is done, the 2 s point is running (claimed).
     progress = grid_progress(grid.root, stale_after=2)
+    while not (progress["done"] == 1 and progress["running"]) and time.time() < deadline:
+        time.sleep(0.02)
+        progress = grid_progress(grid.root, stale_after=2)
     worker.communicate(timeout=60)
     assert worker.returncode == 0
     assert (progress["total"], progress["done"], progress["pending"]) == (3, 1, 2)
