@@ -13,11 +13,18 @@ from pathlib import Path
 from typing import Any, Iterator, BinaryIO
 
 
+# mkstemp makes 0600 files, but outputs are shared on cluster file systems (other users'
+# executors, colleagues): give them the mode the umask allows, as open() would. Read once, at
+# import, because os.umask can only be read by setting it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
 def temp_name(final: Path, tag: str = "") -> Path:
     """A unique hidden sibling of `final`, so that listings of final names never see it."""
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.{tag}", suffix=".tmp", dir=final.parent)
-    # mkstemp makes 0600 files; outputs are shared on cluster file systems, so use the usual mode.
-    os.fchmod(fd, 0o644)
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     return Path(name)
 
@@ -38,6 +45,28 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryI
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary sibling path for writers that want a file name rather than a file object.
+
+    `suffix` is appended for writers that insist on one (Keras: `.keras`, `.weights.h5`). On clean
+    exit the file is fsynced, given the usual mode and renamed to `path`.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    reserved = temp_name(final)
+    tmp = reserved.with_name(reserved.name + suffix)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, final)
+    finally:
+        for leftover in {reserved, tmp}:
+            leftover.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -25,11 +25,6 @@ from etl.tfrecord import TFRecordWriter, encode_example
 log = logging.getLogger(__name__)
 
 FORMATS = ("tfrecord", "parquet")
-# mkstemp makes 0600 files; shards must be readable by whoever the umask allows (other users'
-# executors, colleagues), like any file the job writes. Read once: os.umask can only be set.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-_FILE_MODE = 0o666 & ~_UMASK
 # Matches only the temporaries made by common.atomic.temp_name for shard files.
 _TEMP_RE = re.compile(r"^\.part-\d{5,}-of-\d{5,}\.(tfrecord|parquet)\..*\.tmp$")
 
@@ -117,7 +112,6 @@ def write_shard(rows: Iterable[ImageRow], dataset: DatasetPaths, split: str, ind
             for fmt in formats:
                 temps[fmt] = temp_name(finals[fmt])
                 files[fmt] = stack.enter_context(open(temps[fmt], "wb"))
-                os.fchmod(files[fmt].fileno(), _FILE_MODE)
                 hashed[fmt] = _HashingFile(files[fmt])
             tfrecord = TFRecordWriter(hashed["tfrecord"]) if "tfrecord" in hashed else None
             tee = _RowTee(rows, split, tfrecord, label_offset)

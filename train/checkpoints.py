@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from common.atomic import temp_name
+from common.atomic import atomic_path
 from common.paths import DenseRunPaths
 
 log = logging.getLogger(__name__)
@@ -60,21 +60,10 @@ def rewind_steps(points: Iterable[str], steps_per_epoch: int, total_steps: int) 
 
 
 def save_weights_atomic(model, path: str | os.PathLike) -> Path:
-    """model.save_weights to a hidden temporary sibling (with the `.weights.h5` suffix Keras
-    demands), then rename over `path`."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final, tag="part")
-    tmp_h5 = tmp.with_name(tmp.name + ".weights.h5")
-    try:
-        model.save_weights(str(tmp_h5))
-        with open(tmp_h5, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_h5, final)
-    finally:
-        for leftover in (tmp, tmp_h5):
-            leftover.unlink(missing_ok=True)
-    return final
+    """model.save_weights to a hidden temporary sibling, then rename over `path`."""
+    with atomic_path(path, ".weights.h5") as tmp:
+        model.save_weights(str(tmp))
+    return Path(path)
 
 
 def save_checkpoint(model, run: DenseRunPaths, name: str) -> Path:

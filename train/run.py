@@ -20,13 +20,12 @@ import dataclasses
 import io
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from common.atomic import read_json, temp_name, write_json, write_text
+from common.atomic import atomic_path, read_json, write_json, write_text
 from common.paths import DenseRunPaths
 from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
 from train.checkpoints import rewind_steps, save_checkpoint, save_weights_atomic
@@ -139,14 +138,8 @@ def _write_settings(run: DenseRunPaths, record: dict) -> None:
 
 
 def _save_model_atomic(model, path: Path) -> None:
-    tmp = temp_name(path, tag="part")
-    tmp_keras = tmp.with_name(tmp.name + ".keras")  # Keras insists on the suffix
-    try:
-        model.save(str(tmp_keras))
-        os.replace(tmp_keras, path)
-    finally:
-        for leftover in (tmp, tmp_keras):
-            leftover.unlink(missing_ok=True)
+    with atomic_path(path, ".keras") as tmp:  # Keras insists on the suffix
+        model.save(str(tmp))
 
 
 class _Resume:
