@@ -98,6 +98,16 @@ class DenseRunPaths:
         return self.root / "tensorboard"
 
     @property
+    def early_bird(self) -> Path:
+        """Early-Bird detector state and outcome: settings, per-epoch distances, drawn epoch."""
+        return self.root / "early_bird.json"
+
+    @property
+    def early_bird_masks(self) -> Path:
+        """The BatchNorm channel mask of every epoch (`epoch_0001` -> bool vector), for the heat map."""
+        return self.root / "early_bird_masks.npz"
+
+    @property
     def success(self) -> Path:
         return self.root / SUCCESS
 
@@ -143,6 +153,22 @@ class GridPaths:
 
     def claim(self, task_id: str) -> Path:
         return self.claims / f"{task_id}.claim"
+
+    @property
+    def partial(self) -> Path:
+        return self.root / "partial"
+
+    def partial_state(self, task_id: str) -> Path:
+        """A running point's last complete epoch (weights, optimizer, history), for resumption."""
+        return self.partial / task_id
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def compact_model(self, task_id: str) -> Path:
+        """The physically smaller model a structured point trained (Keras format)."""
+        return self.models / f"{task_id}.keras"
 
     @property
     def results_parquet(self) -> Path:

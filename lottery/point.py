@@ -2,7 +2,8 @@
 
 `retrain` is the core (any model, any data); `dense_recipe` reads the dense run's recipe (optimizer,
 learning-rate schedule, epochs, data pipeline) from its settings.json; `train_point` is what the
-scheduler calls for a task of kind "oneshot" (IMP chains go to lottery.imp.run_imp_task).
+scheduler calls for a task of kind "oneshot" (IMP chains go to lottery.imp.run_imp_task, channel
+pruning to lottery.structured_point.run_structured_task).
 
 Rewinding: the weights come from the rewind checkpoint; the optimizer state starts fresh (the
 checkpoint's is not restored) and the learning-rate schedule continues from the rewind point's
@@ -179,6 +180,10 @@ def train_point(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: M
         from lottery.imp import run_imp_task
 
         return run_imp_task(run_dir, grid_dir, task, settings)
+    if task.get("kind") == "structured":
+        from lottery.structured_point import run_structured_task
+
+        return run_structured_task(run_dir, grid_dir, task, settings)
     grid = GridPaths(Path(grid_dir))
     mask_id = str(task.get("mask_id") or "")
     # Becomes a file name under masks/: no separators or hidden names (no path traversal).
