@@ -1,0 +1,217 @@
+"""Compaction: turn a channel-masked model into a physically smaller plain Keras model, and measure cost.
+
+`compact` rebuilds the model's graph (nested functional models included, names kept) with each
+Conv2D / Dense narrowed to its kept filters / units, and copies the surviving slices of every
+kernel, bias and BatchNorm variable. Layers whose width follows their input (BatchNorm,
+DepthwiseConv2D, pooling, Flatten, ...) need no change to their config. The result has no masks
+and no custom layers: it saves as `.keras`, loads with `safe_mode=True` and trains like any model.
+
+`model_cost` counts what the report compares before and after: parameters, FLOPs and file size.
+FLOPs are multiply-accumulates at batch 1 of the layers that dominate inference cost: Conv1D/2D/3D
+(out positions x filters x kernel size x in channels / groups), transposed convolutions,
+DepthwiseConv (out positions x channels x kernel size), SeparableConv (depthwise + pointwise) and
+Dense (positions x in x units). Biases, BatchNorm, activations, pooling, padding, resizing, merges
+and softmax are not counted: each costs O(activations), not O(weights x positions).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from lottery import structured
+
+log = logging.getLogger(__name__)
+
+
+def _k():
+    import keras
+
+    return keras
+
+
+# ------------------------------------------------------------------------------------- compaction
+class _Rebuilder:
+    def __init__(self, analysis: structured.Analysis, keeps: Mapping[str, np.ndarray]):
+        self.a = analysis
+        self.keeps = keeps
+        self.pairs: dict[int, tuple[Any, Any]] = {}   # id(old layer) -> (old, new): shared layers stay shared
+
+    def kept(self, gid: str | None) -> np.ndarray | None:
+        return None if gid is None else self.keeps.get(gid)
+
+    def tensor_width(self, tensor) -> int:
+        space, repeat = self.a.state[id(tensor)]
+        sp = self.a.spaces
+        keep = self.kept(sp.label[sp.find(space)])
+        return tensor.shape[-1] if keep is None else int(np.count_nonzero(keep)) * repeat
+
+    def model(self, fmodel):
+        keras = _k()
+        from keras import tree
+
+        def new_input(t):
+            shape = tuple(t.shape[:-1]) + (self.tensor_width(t),)
+            # The InputLayer's own name (a nested model's input KerasTensor has a generated one).
+            return keras.Input(batch_shape=shape, dtype=t.dtype, name=t._keras_history.operation.name)
+
+        inputs = tree.map_structure(new_input, fmodel.input)
+        outputs = fmodel._run_through_graph(inputs, operation_fn=self.layer)
+        return keras.Model(inputs, outputs, name=fmodel.name)
+
+    def layer(self, old):
+        if id(old) in self.pairs:
+            return self.pairs[id(old)][1]
+        if isinstance(old, structured._functional_type()):
+            new = self.model(old)
+        else:
+            config = old.get_config()
+            info = self.a.layers.get(old.name)
+            if info is not None and info.layer is old:
+                keep = self.kept(info.out_group)
+                if keep is not None and info.kind == "conv":
+                    config["filters"] = int(np.count_nonzero(keep))
+                elif keep is not None and info.kind == "dense":
+                    config["units"] = int(np.count_nonzero(keep))
+            new = type(old).from_config(config)
+        self.pairs[id(old)] = (old, new)
+        return new
+
+    def sliced(self, old_layer, var) -> np.ndarray:
+        """The surviving part of one variable of `old_layer`."""
+        value = np.asarray(var.numpy())
+        info = self.a.layers.get(old_layer.name)
+        if info is None or info.layer is not old_layer:
+            return value
+        k_in, k_out = self.kept(info.in_group), self.kept(info.out_group)
+        if info.kind in ("conv", "dense"):
+            if var.name == "kernel":
+                if k_in is not None:
+                    value = np.compress(np.tile(k_in, info.in_repeat), value, axis=value.ndim - 2)
+                if k_out is not None:
+                    value = np.compress(k_out, value, axis=value.ndim - 1)
+            elif var.name == "bias" and k_out is not None:
+                value = np.compress(k_out, value, axis=0)
+        elif info.kind == "depthwise" and k_in is not None:
+            value = np.compress(k_in, value, axis=2 if var.name == "kernel" else 0)
+        elif info.kind == "bn" and k_in is not None:
+            value = np.compress(k_in, value, axis=0)
+        return value
+
+    def copy_weights(self) -> None:
+        functional = structured._functional_type()
+        for old, new in self.pairs.values():
+            if isinstance(old, functional):
+                continue
+            new_vars = {v.name: v for v in new.weights}
+            old_vars = {v.name: v for v in old.weights}
+            if set(new_vars) != set(old_vars):
+                raise ValueError(f"compaction: layer {old.name!r} rebuilt with variables {sorted(new_vars)}, "
+                                 f"expected {sorted(old_vars)}")
+            for name, var in new_vars.items():
+                value = self.sliced(old, old_vars[name])
+                if tuple(value.shape) != tuple(var.shape):
+                    raise ValueError(f"compaction: {old.name}/{name} sliced to {value.shape} but the compact "
+                                     f"layer expects {tuple(var.shape)}")
+                var.assign(value.astype(var.dtype, copy=False))
+
+
+def compact(model, mask: Mapping[str, np.ndarray]):
+    """A new, physically smaller Keras model computing what `model` masked by `mask` computes.
+
+    `mask`: a structured mask of `model` (from `structured.select_channels`, or loaded from its
+    file); ValueError if it is not an exact channel mask. `model` itself is not changed and need
+    not have been masked: the pruned channels are simply left out.
+    """
+    analysis = structured.Analysis(model)
+    keeps = analysis.keeps_from_mask(mask)
+    rebuild = _Rebuilder(analysis, keeps)
+    new = rebuild.model(model)
+    rebuild.copy_weights()
+    log.info("compacted %s: %d -> %d parameters (%d groups narrowed)", model.name, model.count_params(),
+             new.count_params(), len(keeps))
+    return new
+
+
+# -------------------------------------------------------------------------------------------- cost
+def _known(shape, what: str, layer) -> list[int]:
+    dims = list(shape)
+    if any(d is None for d in dims):
+        raise ValueError(f"FLOPs of layer {layer.name!r}: {what} shape {tuple(shape)} is not fully known "
+                         f"(build the model with a fixed input size)")
+    return [int(d) for d in dims]
+
+
+def layer_flops(layer, inputs, outputs) -> int:
+    """Multiply-accumulates of one layer call at batch 1 (0 for layers that are not counted)."""
+    from keras.src.layers.convolutional.base_conv import BaseConv
+    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
+    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
+    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+
+    L = _k().layers
+    if not isinstance(layer, (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv, L.Dense)):
+        return 0
+    if getattr(layer, "data_format", "channels_last") == "channels_first":
+        raise ValueError(f"FLOPs of layer {layer.name!r}: channels_first is not supported")
+    x = _known(inputs[0].shape[1:], "input", layer)
+    y = _known(outputs[0].shape[1:], "output", layer)
+    in_c, positions = x[-1], int(np.prod(y[:-1], dtype=np.int64))
+    if isinstance(layer, L.Dense):
+        return positions * in_c * int(layer.units)
+    window = int(np.prod(layer.kernel_size, dtype=np.int64))
+    if isinstance(layer, BaseDepthwiseConv):
+        return positions * y[-1] * window
+    if isinstance(layer, BaseSeparableConv):
+        mid = in_c * int(layer.depth_multiplier)
+        return positions * mid * window + positions * mid * y[-1]
+    if isinstance(layer, BaseConvTranspose):
+        return int(np.prod(x[:-1], dtype=np.int64)) * window * in_c * y[-1]
+    return positions * y[-1] * window * in_c // int(getattr(layer, "groups", 1) or 1)
+
+
+def model_flops(model) -> int:
+    return int(sum(layer_flops(layer, ins, outs) for layer, ins, outs in structured.flat_nodes(model)))
+
+
+def file_bytes(model) -> int:
+    """Size of the model saved as `.keras` (in a temporary directory, removed afterwards)."""
+    with tempfile.TemporaryDirectory(prefix="bt-cost-") as tmp:
+        path = Path(tmp) / "model.keras"
+        model.save(path)
+        return os.path.getsize(path)
+
+
+def model_cost(model) -> dict[str, int]:
+    """{"params": count_params(), "flops": multiply-adds at batch 1, "file_bytes": saved .keras size}."""
+    return {"params": int(model.count_params()), "flops": model_flops(model), "file_bytes": file_bytes(model)}
+
+
+def inference_rate(model, *, batch_size: int = 32, seconds: float = 2.0, warmup: int = 2,
+                   seed: int = 0) -> float:
+    """Measured CPU inference throughput (images/s) of compiled predict steps on random pixels."""
+    keras = _k()
+    if batch_size < 1 or seconds <= 0:
+        raise ValueError(f"batch_size must be >= 1 and seconds > 0, got {batch_size}, {seconds}")
+    if len(model.inputs) != 1:
+        raise ValueError(f"inference_rate: model {model.name!r} must have one input, has {len(model.inputs)}")
+    shape = tuple(model.inputs[0].shape[1:])
+    if any(d is None for d in shape):
+        raise ValueError(f"inference_rate: model {model.name!r} has an unknown input shape {shape}")
+    x = np.random.default_rng(seed).uniform(0, 255, (batch_size,) + shape).astype(np.float32)
+    x = keras.ops.convert_to_tensor(x)
+    for _ in range(max(warmup, 1)):   # trace the predict function outside the timing
+        model.predict_on_batch(x)
+    images = 0
+    started = time.perf_counter()
+    while True:
+        model.predict_on_batch(x)
+        images += batch_size
+        elapsed = time.perf_counter() - started
+        if elapsed >= seconds:
+            return images / elapsed
