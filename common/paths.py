@@ -5,6 +5,7 @@ Stages never join path strings themselves: they ask these classes, so a contract
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 SUCCESS = "_SUCCESS"
@@ -185,3 +186,46 @@ class GridPaths:
     @property
     def plots(self) -> Path:
         return self.root / "plots"
+
+
+@dataclasses.dataclass(frozen=True)
+class VaeStudyPaths:
+    """out/vae-<hash>/ written by the VAE neuron-pruning study (lottery.vae_study)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def under(cls, out: str | Path, study_hash: str) -> "VaeStudyPaths":
+        return cls(Path(out) / f"vae-{study_hash}")
+
+    @property
+    def settings(self) -> Path:
+        return self.root / "settings.json"
+
+    @property
+    def trained_weights(self) -> Path:
+        return self.root / "trained.weights.h5"
+
+    @property
+    def trained(self) -> Path:
+        return self.root / "trained.json"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "rows"
+
+    def row(self, rid: str) -> Path:
+        if not re.fullmatch(r"[a-z0-9]+-r\d{4}", rid):  # ids become file names
+            raise ValueError(f"bad row id {rid!r}")
+        return self.rows / f"{rid}.json"
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / "results.csv"
