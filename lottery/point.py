@@ -9,9 +9,16 @@ Rewinding: the weights come from the rewind checkpoint; the optimizer state star
 checkpoint's is not restored) and the learning-rate schedule continues from the rewind point's
 position in the dense run, clamped at its end, for the task's `epochs` epochs. With the default
 rewind `init` and the default epochs this is exactly the dense run's recipe.
+
+Preemption: `train_point` makes the task's partial-state directory (GridPaths.partial_state) the
+place where every `retrain` inside it (oneshot, each IMP round, structured points) saves its last
+complete epoch, and resumes from it when the point is run again after a stop (see
+lottery.masked_training). `retrain` callers outside a grid point may pass `checkpoint=` themselves.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
 import math
@@ -50,20 +57,52 @@ def history_rows(history: Mapping[str, list[float]]) -> list[dict[str, float]]:
     return [{"epoch": i + 1, **{k: v[i] for k, v in history.items() if i < len(v)}} for i in range(n)]
 
 
+# The partial-state directory and seed of the grid point running in this thread (train_point).
+_POINT_STATE: contextvars.ContextVar[tuple[Path, int] | None] = contextvars.ContextVar(
+    "bigticket_point_state", default=None)
+
+
+@contextlib.contextmanager
+def point_state(directory: str | os.PathLike, seed: int = 0):
+    """Within this block, `retrain` checkpoints every epoch under `directory` and resumes from it."""
+    token = _POINT_STATE.set((Path(directory), int(seed)))
+    try:
+        yield
+    finally:
+        _POINT_STATE.reset(token)
+
+
+def _checkpoint_for(label: str, mask: Mapping[str, np.ndarray]):
+    active = _POINT_STATE.get()
+    if active is None:
+        return None
+    from lottery.masked_training import EpochCheckpoint, mask_digest
+
+    directory, seed = active
+    # One directory per point; the key tells its runs (IMP rounds) and masks apart.
+    return EpochCheckpoint(directory, key=f"{label}|{mask_digest(mask)}", seed=seed)
+
+
 def retrain(model, mask: Mapping[str, np.ndarray], recipe: Recipe, *, reinit_seed: int | None = None,
-            label: str = "point") -> dict[str, Any]:
+            label: str = "point", checkpoint=None) -> dict[str, Any]:
     """Retrain `model` (holding the rewind weights) under `mask`; the result of the point.
 
     reinit_seed: the random_reinit control (fresh initial weights drawn with this seed, same mask).
+    checkpoint: a lottery.masked_training.EpochCheckpoint; by default the running grid point's
+    (see `point_state`), or none outside a grid point. `label` must be the same when the point is
+    run again, or its saved epochs are not resumed.
     """
     from lottery.masked_training import reinitialize, train_masked
 
     t0 = time.perf_counter()
+    if checkpoint is None:
+        checkpoint = _checkpoint_for(label, mask)
     if reinit_seed is not None:
         reinitialize(model, reinit_seed)
     history = train_masked(model, mask, recipe.train_data, recipe.validation_data,
                            optimizer=recipe.optimizer, loss=recipe.loss, epochs=recipe.epochs,
-                           learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, label=label)
+                           learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, label=label,
+                           checkpoint=checkpoint)
     if "val_accuracy" not in history:
         raise ValueError("the recipe has no validation data: a grid point is judged on it")
     val_acc = history["val_accuracy"]
@@ -82,6 +121,8 @@ def retrain(model, mask: Mapping[str, np.ndarray], recipe: Recipe, *, reinit_see
         "total_weights": real["total"],
         "layer_sparsity": {n: row["sparsity"] for n, row in real["layers"].items()},
         "epochs": recipe.epochs,
+        # Epochs restored from a preempted run (not trained again); wall_time_s is this run's only.
+        "resumed_from_epoch": checkpoint.resumed_from if checkpoint is not None else 0,
         "wall_time_s": time.perf_counter() - t0,
         "history": history_rows(history),
     }
@@ -153,10 +194,18 @@ def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float
     )
 
 
+def _safe_name(text: str) -> bool:
+    """Usable as a file name under the grid: no separators, no hidden names (no path traversal)."""
+    return bool(text) and not text.startswith(".") and len(text) <= 200 \
+        and all(c.isalnum() or c in "-_." for c in text)
+
+
 def _check_task(task: Mapping[str, Any]) -> None:
     for field in ("task_id", "rewind", "control"):
         if field not in task:
             raise ValueError(f"task {task.get('task_id', '?')}: field {field!r} is missing")
+    if not _safe_name(str(task["task_id"])):
+        raise ValueError(f"task {task['task_id']!r}: field task_id is not a safe file name")
     if task["control"] not in CONTROLS:
         raise ValueError(f"task {task['task_id']}: field control is {task['control']!r}, "
                          f"expected one of {CONTROLS}")
@@ -170,24 +219,29 @@ def train_point(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: M
     beyond the task's own fields, accepted for a uniform call). A random_mask task's mask file is
     already the random one (the plan writes it), so only random_reinit changes the weights here.
     """
+    _check_task(task)
+    grid = GridPaths(Path(grid_dir))
+    # Every retrain below checkpoints its epochs under the point's partial state (resumable).
+    with point_state(grid.partial_state(str(task["task_id"])), int(task.get("seed", 0))):
+        return _dispatch(run_dir, grid, task, settings)
+
+
+def _dispatch(run_dir, grid: GridPaths, task: Mapping[str, Any], settings) -> dict[str, Any]:
     import keras
 
     from train.checkpoints import load_checkpoint
     from train.local_engine import configure_tensorflow
 
-    _check_task(task)
     if task.get("kind", "oneshot") == "imp":
         from lottery.imp import run_imp_task
 
-        return run_imp_task(run_dir, grid_dir, task, settings)
+        return run_imp_task(run_dir, grid.root, task, settings)
     if task.get("kind") == "structured":
         from lottery.structured_point import run_structured_task
 
-        return run_structured_task(run_dir, grid_dir, task, settings)
-    grid = GridPaths(Path(grid_dir))
+        return run_structured_task(run_dir, grid.root, task, settings)
     mask_id = str(task.get("mask_id") or "")
-    # Becomes a file name under masks/: no separators or hidden names (no path traversal).
-    if not mask_id or mask_id.startswith(".") or not all(c.isalnum() or c in "-_." for c in mask_id):
+    if not _safe_name(mask_id):  # becomes a file name under masks/
         raise ValueError(f"task {task['task_id']}: field mask_id {task.get('mask_id')!r} is missing or "
                          f"not a safe file name")
     mask, meta = masks_mod.load_mask(grid.mask(mask_id))

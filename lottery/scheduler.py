@@ -10,14 +10,24 @@ Modes (`run_grid` picks one):
 - claims: one process, or one SLURM job-array element (`--array-index/--array-count`), or several
           launches at once: each walks the task list and runs what it can claim.
 Either way a point with a result file is never run again, and results are written atomically.
+
+Preemption (SLURM's pre-timeout signal, forwarded as SIGTERM or SIGUSR1 by the sbatch scripts):
+the process stops handing out and starting points, the running points stop after their current
+batch with their last complete epoch saved under partial/<task_id>/ (lottery.masked_training),
+their claims are released, and `lottery run` exits with EXIT_PREEMPTED (75). Under MPI one signal
+is enough: a rank that sees it tells rank 0, which tells every busy rank. The next launch resumes
+those points from their saved epoch; a point's partial state is deleted once its result exists.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import importlib
 import logging
 import os
+import shutil
+import signal
 import socket
 import sys
 import threading
@@ -33,14 +43,18 @@ from common.cluster import pin_local_gpu, process_place
 from common.paths import GridPaths
 from lottery.claims import DEFAULT_HEARTBEAT, DEFAULT_STALE_AFTER, ClaimStore
 from lottery.grid import done_ids, load_plan, pending_tasks
+from lottery.masked_training import Preempted, clear_stop, request_stop, stop_requested
 
 log = logging.getLogger(__name__)
 
 Execute = Callable[[dict], dict]
 DEFAULT_EXECUTOR = "lottery.point:train_point"
 
-TAG_REQUEST = 11   # worker -> rank 0: {"type": "ready" | "done" | "alive", ...}
+TAG_REQUEST = 11   # worker -> rank 0: {"type": "ready" | "done" | "preempted" | "alive", ...}
 TAG_ASSIGN = 12    # rank 0 -> worker: a task dict, or None to stop
+TAG_STOP = 13      # rank 0 -> busy worker: stop the running point (preemption)
+EXIT_PREEMPTED = 75  # `lottery run` exit status after a stop request (sysexits' EX_TEMPFAIL)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 POLL = 0.002       # seconds between MPI polls when busy: far under the 0.2 s per-point budget
 MAX_POLL = 0.01    # ... and when idle (answers within 10 ms, ~100 GIL wake-ups/s)
 STARTUP_TIMEOUT = 120.0  # a worker's first wait for rank 0
@@ -54,10 +68,24 @@ class RunSummary:
     executed: list[str]         # task ids this process ran
     total: int
     done_at_end: int
+    preempted: bool = False     # stopped on request; points left are resumable
 
 
 class WorldSizeError(RuntimeError):
     """The MPI world is not the size the launcher asked for."""
+
+
+class GridPreempted(SystemExit):
+    """The launch was stopped on request (pre-timeout signal) after saving the running points.
+
+    A SystemExit with status EXIT_PREEMPTED, so `lottery run` (and `python -m mpi4py`, which turns
+    it into MPI_Abort(75) once every rank is done) ends with that status and no traceback; the
+    sbatch scripts requeue on it. In-process callers catch it; `.summary` is the RunSummary.
+    """
+
+    def __init__(self, summary: "RunSummary"):
+        super().__init__(EXIT_PREEMPTED)
+        self.summary = summary
 
 
 # -- executors ---------------------------------------------------------------------------------
@@ -109,6 +137,8 @@ def run_task(grid: GridPaths, task: dict, execute: Execute, worker: Mapping[str,
               "worker": dict(worker), "started_at": started, "finished_at": time.time(),
               "wall_time": wall}
     write_json(grid.result(task["task_id"]), record)
+    # The result is the point's state from now on; a leftover partial state is garbage.
+    shutil.rmtree(grid.partial_state(task["task_id"]), ignore_errors=True)
     return record
 
 
@@ -137,6 +167,30 @@ def _under_mpi_launcher() -> bool:
     return "mpi4py.run" in sys.modules or expected_world_size() > 1
 
 
+@contextlib.contextmanager
+def stop_on_signals(signals=STOP_SIGNALS):
+    """SIGTERM/SIGUSR1 ask this process to stop cleanly (request_stop) instead of dying; the
+    previous handlers come back afterwards. Only the main thread may install handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        request_stop()  # only sets an Event: safe at any point of the main thread
+
+    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _log_stop() -> None:
+    log.warning("stop requested (pre-timeout signal): running points save their last complete "
+                "epoch and stop; no new point starts")
+
+
 # -- claims mode -------------------------------------------------------------------------------
 def run_with_claims(grid: GridPaths, execute: Execute, *, owner: str | None = None,
                     heartbeat: float = DEFAULT_HEARTBEAT, stale_after: float = DEFAULT_STALE_AFTER,
@@ -146,35 +200,47 @@ def run_with_claims(grid: GridPaths, execute: Execute, *, owner: str | None = No
     tasks = load_plan(grid.root)["tasks"]
     executed: list[str] = []
     worker = _worker_info(mode)
+    preempted = False
     with ClaimStore(grid, owner, heartbeat=heartbeat, stale_after=stale_after) as store, \
             tqdm(total=len(tasks), initial=len(tasks) - len(pending_tasks(grid, tasks)),
                  desc="grid points", unit="pt", disable=None) as bar:
-        while True:
+        while not preempted:
             pending = pending_tasks(grid, tasks)
             if not pending:
                 break
             ran = False
             for task in pending:
+                if stop_requested():
+                    preempted = True
+                    break
                 claim = store.try_claim(task["task_id"])
                 if claim is None:
                     continue
                 try:
                     log.info("running %s", task["task_id"])
                     run_task(grid, task, execute, worker)
+                except Preempted:
+                    log.warning("%s stopped; its last complete epoch is saved for the next launch",
+                                task["task_id"])
+                    preempted = True
+                    break
                 finally:
-                    store.release(claim)
+                    store.release(claim)  # the next launch (or another element) resumes it
                 executed.append(task["task_id"])
                 ran = True
                 bar.update(1)
                 break  # re-list: another launch may have finished points meanwhile
-            if not ran:
+            if not ran and not preempted:
                 if not wait:
                     break
                 bar.set_postfix_str(f"{len(pending)} held by other launches")
                 time.sleep(min(heartbeat, 1.0))  # listing results is cheap; finish promptly
                 bar.n = len(tasks) - len(pending_tasks(grid, tasks))
                 bar.refresh()
-    return RunSummary(mode, 0, 1, executed, len(tasks), len(done_ids(grid) & {t["task_id"] for t in tasks}))
+    if preempted:
+        _log_stop()
+    return RunSummary(mode, 0, 1, executed, len(tasks),
+                      len(done_ids(grid) & {t["task_id"] for t in tasks}), preempted)
 
 
 # -- MPI mode ----------------------------------------------------------------------------------
@@ -186,9 +252,10 @@ class _TaskThread:
         self.thread: threading.Thread | None = None
         self.task: dict | None = None
         self.error: BaseException | None = None
+        self.preempted = False  # the task last finished stopped on request (no result)
 
     def start(self, task: dict) -> None:
-        self.task, self.error = task, None
+        self.task, self.error, self.preempted = task, None, False
         self.thread = threading.Thread(target=self._run, name=f"point-{task['task_id']}", daemon=True)
         self.thread.start()
 
@@ -208,13 +275,17 @@ class _TaskThread:
             return None
         self.thread.join()
         self.thread = None
+        if isinstance(self.error, Preempted):
+            self.preempted = True
+            return self.task
         if self.error is not None:
             raise RuntimeError(f"grid point {self.task['task_id']} failed: {self.error!r}") from self.error
         return self.task
 
 
 def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, stale_after: float,
-                silence_timeout: float, rank0_works: bool) -> list[str]:
+                silence_timeout: float, rank0_works: bool) -> tuple[list[str], bool]:
+    """Rank 0's loop; returns (task ids it ran itself, whether the job was stopped on request)."""
     tasks = load_plan(grid.root)["tasks"]
     queue = collections.deque(pending_tasks(grid, tasks))
     size = comm.Get_size()
@@ -222,6 +293,8 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
                        heartbeat=heartbeat, stale_after=stale_after)
     busy: dict[int, tuple[dict, Any, float]] = {}   # rank -> (task, claim, last heard)
     stopped: set[int] = set()
+    told_to_stop: set[int] = set()
+    stopping = False
     executed: list[str] = []
     own = _TaskThread(grid, execute, _worker_info("mpi", 0))
     own_claim = None
@@ -229,7 +302,7 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
                disable=None)
 
     def next_task():
-        while queue:
+        while queue and not stopping:
             task = queue.popleft()
             claim = store.try_claim(task["task_id"])
             if claim is not None:
@@ -243,6 +316,9 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
     try:
         while True:
             progressed = False
+            if not stopping and stop_requested():
+                stopping = True
+                _log_stop()
             ok, msg = request.test(status)
             while ok:
                 progressed = True
@@ -252,10 +328,16 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
                         task, claim, _ = busy[src]
                         busy[src] = (task, claim, time.monotonic())
                 else:
-                    if msg["type"] == "done":
+                    if msg["type"] in ("done", "preempted") and src in busy:
                         task, claim, _ = busy.pop(src)
                         store.release(claim)
-                        bar.update(1)
+                        if msg["type"] == "done":
+                            bar.update(1)
+                    if msg["type"] == "preempted" and not stopping:
+                        # That rank got the signal: the whole job is being stopped.
+                        request_stop()
+                        stopping = True
+                        _log_stop()
                     nxt = next_task()
                     if nxt is None:
                         comm.send(None, dest=src, tag=TAG_ASSIGN)
@@ -265,11 +347,17 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
                         comm.send(nxt[0], dest=src, tag=TAG_ASSIGN)
                 request = comm.irecv(source=MPI_ANY_SOURCE(), tag=TAG_REQUEST)
                 ok, msg = request.test(status)
+            if stopping:
+                for rank in busy:
+                    if rank not in told_to_stop:  # once: it answers "preempted" or "done"
+                        comm.send({"type": "stop"}, dest=rank, tag=TAG_STOP)
+                        told_to_stop.add(rank)
             finished = own.finished()
             if finished is not None:
                 store.release(own_claim)
-                executed.append(finished["task_id"])
-                bar.update(1)
+                if not own.preempted:
+                    executed.append(finished["task_id"])
+                    bar.update(1)
                 progressed = True
             if rank0_works and not own.busy:
                 nxt = next_task()
@@ -282,8 +370,8 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
                 if now - heard > silence_timeout:
                     raise RuntimeError(f"rank {rank} silent for {now - heard:.0f} s while running "
                                        f"{task['task_id']}: assuming it died; aborting the job")
-            if len(stopped) == size - 1 and not own.busy and not queue:
-                if not rank0_works:
+            if len(stopped) == size - 1 and not own.busy and (stopping or not queue):
+                if not rank0_works or stopping:
                     break
                 # Points claimed by other launches: wait for them, and run those whose claim
                 # goes stale (a dead launch) here, so the grid ends complete.
@@ -305,41 +393,61 @@ def _coordinate(comm, grid: GridPaths, execute: Execute, *, heartbeat: float, st
         request.Cancel()
         MPI_Request_Wait(request)
         store.close()
-    return executed
+    return executed, stopping
 
 
 def _work(comm, grid: GridPaths, execute: Execute, *, heartbeat: float,
-          silence_timeout: float) -> list[str]:
+          silence_timeout: float) -> tuple[list[str], bool]:
     rank = comm.Get_rank()
     runner = _TaskThread(grid, execute, _worker_info("mpi", rank))
     executed: list[str] = []
+    preempted = False
+    stop_request = comm.irecv(source=0, tag=TAG_STOP)
+    stop_received = False
     comm.send({"type": "ready"}, dest=0, tag=TAG_REQUEST)
     # Rank 0 may still be starting up (imports, a slow file system) when we first ask.
     wait = max(silence_timeout, STARTUP_TIMEOUT)
-    while True:
-        request = comm.irecv(source=0, tag=TAG_ASSIGN)
-        deadline = time.monotonic() + wait
+    try:
         while True:
-            ok, task = request.test()
-            if ok:
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"rank 0 did not answer for {wait:.0f} s: assuming "
-                                   f"it died; aborting the job")
-            time.sleep(POLL)
-        wait = silence_timeout
-        if task is None:
-            return executed
-        runner.start(task)
-        last_beat = time.monotonic()
-        while runner.busy:
-            runner.thread.join(POLL * 10)
-            if time.monotonic() - last_beat >= heartbeat:
-                comm.send({"type": "alive"}, dest=0, tag=TAG_REQUEST)
-                last_beat = time.monotonic()
-        runner.finished()
-        executed.append(task["task_id"])
-        comm.send({"type": "done", "task_id": task["task_id"]}, dest=0, tag=TAG_REQUEST)
+            request = comm.irecv(source=0, tag=TAG_ASSIGN)
+            deadline = time.monotonic() + wait
+            while True:
+                ok, task = request.test()
+                if ok:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rank 0 did not answer for {wait:.0f} s: assuming "
+                                       f"it died; aborting the job")
+                time.sleep(POLL)
+            wait = silence_timeout
+            if task is None:
+                return executed, preempted
+            if stop_requested():  # signalled between points: give the task back unrun
+                preempted = True
+                comm.send({"type": "preempted", "task_id": task["task_id"]}, dest=0, tag=TAG_REQUEST)
+                continue
+            runner.start(task)
+            last_beat = time.monotonic()
+            while runner.busy:
+                runner.thread.join(POLL * 10)
+                if not stop_received:
+                    stop_received, _ = stop_request.test()
+                    if stop_received:
+                        request_stop()  # rank 0 says the job is stopping
+                if time.monotonic() - last_beat >= heartbeat:
+                    comm.send({"type": "alive"}, dest=0, tag=TAG_REQUEST)
+                    last_beat = time.monotonic()
+            runner.finished()
+            if runner.preempted:
+                preempted = True
+                comm.send({"type": "preempted", "task_id": task["task_id"]}, dest=0, tag=TAG_REQUEST)
+            else:
+                executed.append(task["task_id"])
+                comm.send({"type": "done", "task_id": task["task_id"]}, dest=0, tag=TAG_REQUEST)
+    finally:
+        if not stop_received:  # rank 0 sends at most one stop, only to a busy rank
+            stop_request.Cancel()
+            MPI_Request_Wait(stop_request)
 
 
 def _static(comm, grid: GridPaths, execute: Execute) -> list[str]:
@@ -386,17 +494,21 @@ def run_mpi(grid: GridPaths, execute: Execute, comm=None, *, strategy: str = "dy
     if silence_timeout <= 2 * heartbeat:
         raise ValueError("silence_timeout must exceed twice the heartbeat")
     t0 = time.perf_counter()
+    preempted = False
     if strategy == "static":
-        executed = _static(comm, grid, execute)
+        executed = _static(comm, grid, execute)  # benchmarks only: no preemption protocol
     elif rank == 0:
-        executed = _coordinate(comm, grid, execute, heartbeat=heartbeat, stale_after=stale_after,
-                               silence_timeout=silence_timeout, rank0_works=rank0_works)
+        executed, preempted = _coordinate(comm, grid, execute, heartbeat=heartbeat,
+                                          stale_after=stale_after, silence_timeout=silence_timeout,
+                                          rank0_works=rank0_works)
     else:
-        executed = _work(comm, grid, execute, heartbeat=heartbeat, silence_timeout=silence_timeout)
-    log.info("rank %d ran %d points in %.1f s", rank, len(executed), time.perf_counter() - t0)
+        executed, preempted = _work(comm, grid, execute, heartbeat=heartbeat,
+                                    silence_timeout=silence_timeout)
+    log.info("rank %d ran %d points in %.1f s%s", rank, len(executed), time.perf_counter() - t0,
+             " (stopped on request)" if preempted else "")
     tasks = load_plan(grid.root)["tasks"]
     return RunSummary(f"mpi-{strategy}", rank, size, executed, len(tasks),
-                      len(done_ids(grid) & {t["task_id"] for t in tasks}))
+                      len(done_ids(grid) & {t["task_id"] for t in tasks}), preempted)
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -405,7 +517,11 @@ def run_grid(grid_dir: str | os.PathLike, *, execute: Execute | None = None,
              array_count: int | None = None, strategy: str = "dynamic",
              heartbeat: float | None = None, stale_after: float = DEFAULT_STALE_AFTER,
              silence_timeout: float = 30.0, rank0_works: bool = True) -> RunSummary:
-    """Run the pending points of a planned grid in the mode the environment calls for."""
+    """Run the pending points of a planned grid in the mode the environment calls for.
+
+    SIGTERM/SIGUSR1 during the run stop it cleanly (module docstring); the summary then says
+    `preempted`.
+    """
     grid = GridPaths(Path(grid_dir))
     load_plan(grid.root)  # fail early, naming the file, on a grid that is not planned
     if (array_index is None) != (array_count is None):
@@ -428,12 +544,24 @@ def run_grid(grid_dir: str | os.PathLike, *, execute: Execute | None = None,
     log.info("rank %d/%d, local rank %d: GPU %s", place.rank, place.size, place.local_rank,
              device if device is not None else "none (CPU)")
     execute = execute or load_executor(grid, executor)
-    if comm is not None:
-        return run_mpi(grid, execute, comm, strategy=strategy,
-                       heartbeat=heartbeat if heartbeat is not None else 5.0,
-                       silence_timeout=silence_timeout, stale_after=stale_after,
-                       rank0_works=rank0_works)
-    tag = f"array{array_index}of{array_count}" if array_index is not None else "single"
-    return run_with_claims(grid, execute, owner=f"{socket.gethostname()}:{os.getpid()}:{tag}",
-                           heartbeat=heartbeat if heartbeat is not None else DEFAULT_HEARTBEAT,
-                           stale_after=stale_after, mode="array" if array_index is not None else "single")
+    clear_stop()
+    with stop_on_signals():
+        if comm is not None:
+            summary = run_mpi(grid, execute, comm, strategy=strategy,
+                              heartbeat=heartbeat if heartbeat is not None else 5.0,
+                              silence_timeout=silence_timeout, stale_after=stale_after,
+                              rank0_works=rank0_works)
+        else:
+            tag = f"array{array_index}of{array_count}" if array_index is not None else "single"
+            summary = run_with_claims(
+                grid, execute, owner=f"{socket.gethostname()}:{os.getpid()}:{tag}",
+                heartbeat=heartbeat if heartbeat is not None else DEFAULT_HEARTBEAT,
+                stale_after=stale_after, mode="array" if array_index is not None else "single")
+    # Only rank 0 ends with the status: it returns after every worker was released, whereas a
+    # worker's non-zero exit would abort rank 0 while it may still be saving its own point.
+    if summary.preempted and summary.rank == 0:
+        log.warning("stopped on request: %d/%d points done, this launch ran %d; the next launch "
+                    "resumes the rest (exit status %d)", summary.done_at_end, summary.total,
+                    len(summary.executed), EXIT_PREEMPTED)
+        raise GridPreempted(summary)
+    return summary

@@ -2,23 +2,33 @@
 # (sourced by lottery_mpi.sbatch and lottery_array.sbatch; needs common.sh).
 #
 # With `#SBATCH --signal=B:USR1@120 --requeue`, SLURM signals this batch shell 120 s before the
-# time limit. We forward SIGTERM to the launcher (mpiexec forwards it to every rank), wait for it,
-# and requeue: the job starts again later with the same command, and the grid scheduler skips the
-# points whose result files exist. Points that were running are run again from their start; their
-# claims belong to dead processes and are taken over (at once on the same host, after
-# --stale-after elsewhere). Results are written atomically, so nothing is lost or duplicated.
+# time limit. We forward SIGTERM to the launcher (mpiexec forwards it to every rank; a job-array
+# element runs python directly), wait for it, and requeue. On SIGTERM every running grid point
+# stops after its current batch, keeping its last complete epoch under partial/<task_id>/, gives
+# its claim back and `lottery run` exits with status 75; the requeued job runs the same command,
+# skips points whose result files exist and resumes the others from their saved epoch. A launch
+# that exits 75 on its own (signalled directly, e.g. `--signal=TERM@120` without `B:`) is
+# requeued too. The 120 s must cover one training batch plus one save of a point's state.
 
 REQUEUE_CHILD=""
+EXIT_PREEMPTED=75   # lottery.scheduler.EXIT_PREEMPTED
 
-_requeue_now() {
-    log "pre-timeout signal (restart ${SLURM_RESTART_COUNT:-0}): stopping and requeueing job $JOB_ID"
-    if [ -n "$REQUEUE_CHILD" ]; then
-        kill -TERM "$REQUEUE_CHILD" 2>/dev/null || true
-        wait "$REQUEUE_CHILD" 2>/dev/null || true
-    fi
+_requeue() {
     # An array element is requeued on its own (SLURM_JOB_ID is the element's id).
     run scontrol requeue "$JOB_ID" || log "scontrol requeue $JOB_ID failed"
     exit 0
+}
+
+_requeue_now() {
+    log "pre-timeout signal (restart ${SLURM_RESTART_COUNT:-0}): stopping and requeueing job $JOB_ID"
+    local rc=0
+    if [ -n "$REQUEUE_CHILD" ]; then
+        kill -TERM "$REQUEUE_CHILD" 2>/dev/null || true
+        wait "$REQUEUE_CHILD" 2>/dev/null
+        rc=$?
+    fi
+    log "launcher exited with status $rc (75: running points saved their last complete epoch)"
+    _requeue
 }
 
 run_requeueable() {
@@ -32,5 +42,9 @@ run_requeueable() {
     wait "$REQUEUE_CHILD"
     rc=$?
     REQUEUE_CHILD=""
+    if [ "$rc" -eq "$EXIT_PREEMPTED" ]; then
+        log "the launch was stopped on request (status $rc): requeueing job $JOB_ID"
+        _requeue
+    fi
     return "$rc"
 }

@@ -73,3 +73,52 @@ def test_array_elements_share_the_grid(slurm, tmp_path):
     assert done.returncode == 0, done.stderr + logs[-3000:]
     assert "--array-index 0 --array-count 2" in logs and "--array-index 1 --array-count 2" in logs
     assert_complete_once(grid)
+
+
+@pytest.fixture(scope="module")
+def dense_run(spark, tmp_path_factory):
+    from tests.lottery.test_preemption import digits_dense_run
+
+    return digits_dense_run(spark, tmp_path_factory.mktemp("slurm-preempt"))
+
+
+def test_pre_timeout_signal_checkpoints_running_points_and_the_requeued_job_resumes_them(
+        slurm, dense_run, tmp_path):
+    """Real training under lottery_mpi.sbatch: SLURM's pre-timeout signal (sent now with
+    `scancel --signal=USR1 --batch`, as `--signal=B:USR1@120` would near the limit) reaches the
+    batch shell, which TERMs mpiexec; the ranks save their last complete epoch and exit 75; the
+    script requeues; the requeued job resumes those points and trains no epoch twice."""
+    from tests.lottery.test_preemption import EPOCHS, check_resumed, plan_points
+
+    grid = plan_points(dense_run, "0.5,0.8")
+    ids = [t["task_id"] for t in load_tasks(grid.root)]
+    done = slurm.sbatch(["--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2",
+                         "--cpus-per-task=1", "--output", str(tmp_path / "job-%j.out"),
+                         str(REPO / "slurm" / "lottery_mpi.sbatch"), str(grid.root)],
+                        env=JOB_ENV, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    job = done.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"job-{job}.out"
+
+    def saved(task_id):
+        try:
+            return read_json(grid.partial_state(task_id) / "state.json")["epochs_done"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    deadline = time.monotonic() + 240
+    while not all(saved(t) >= 2 for t in ids):   # both points running, mid-way
+        state = slurm.job_state(job)
+        assert time.monotonic() < deadline and state in ("PENDING", "RUNNING"), \
+            (state, log_path.read_text()[-3000:] if log_path.exists() else "")
+        time.sleep(0.3)
+    assert all(saved(t) < EPOCHS for t in ids)
+    signal = subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env,
+                            capture_output=True, text=True, timeout=30)
+    assert signal.returncode == 0, signal.stderr
+    assert slurm.wait_finished(job, timeout=300) == "COMPLETED", log_path.read_text()[-4000:]
+    log = log_path.read_text()
+    assert "pre-timeout signal (restart 0)" in log, log[-3000:]
+    assert "launcher exited with status 75" in log and "restart count 1" in log, log[-3000:]
+    check_resumed(grid, {t: None for t in ids}, log)
+    assert EPOCHS == len(read_json(grid.result(ids[0]))["result"]["history"])

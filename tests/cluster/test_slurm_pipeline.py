@@ -69,3 +69,54 @@ def test_a_failed_stage_stops_the_chain(slurm, tmp_path, monkeypatch):
         time.sleep(1)
     assert set(states.values()) == {"CANCELLED"}, states
     assert not (tmp_path / "runs" / ".pipeline" / "train.run").exists()
+
+
+@pytest.mark.slow
+def test_the_whole_chain_succeeds_under_slurm(slurm, tmp_path, monkeypatch, spark):
+    """etl (Spark in SLURM) -> elephas training (Spark in SLURM) -> plan -> MPI grid -> report on
+    digits at 8x8, submitted by submit-pipeline for real and followed to the end."""
+    from pathlib import Path
+
+    from common.atomic import read_json
+    from common.paths import GridPaths
+    from etl.verify import verify_dataset
+    from lottery.grid import done_ids, load_tasks
+
+    for key, value in slurm.env.items():
+        monkeypatch.setenv(key, value)
+    # The Spark jobs keep their logs and scratch under the test's directory, not $HOME and /tmp.
+    monkeypatch.setenv("SPARK_JOB_DIR", str(tmp_path / "sparkjob"))
+    monkeypatch.setenv("SPARK_SCRATCH", str(tmp_path / "scratch"))
+    (tmp_path / "scratch").mkdir()
+    dataset, runs = tmp_path / "digits8", tmp_path / "runs"
+    cpu = "--gpus-per-node=0 --nodes=1 --ntasks-per-node=1 --cpus-per-task=1"
+    args = _args("--dataset", str(dataset), "--runs", str(runs),
+                 "--etl=--source digits --resize fixed:8 --format tfrecord --shards 1 --validation-shards 1",
+                 "--train=--model lenet_300_100 --epochs 1 --batch-size 64 --lr 0.05 --augment none --workers 1",
+                 "--plan=--sparsities 0.5,0.8 --epochs 1",
+                 "--python", str(PYTHON), "--repo", str(REPO),
+                 f"--sbatch=--kill-on-invalid-dep=yes --output={tmp_path}/%x-%j.out",
+                 "--etl-sbatch=--nodes=1", f"--train-sbatch={cpu}",
+                 "--lottery-sbatch=--gpus-per-node=0 --nodes=1 --ntasks-per-node=2 --cpus-per-task=1")
+    jobs = pipeline.submit_pipeline(args, out=io.StringIO())
+    assert list(jobs) == ["etl", "train", "plan", "lottery", "report"]
+
+    def logs() -> str:
+        return "".join(f"==> {p.name}\n{p.read_text()[-2500:]}" for p in sorted(tmp_path.glob("*.out")))
+
+    state = slurm.wait_finished(jobs["report"], timeout=420)
+    states = {name: slurm.completed_state(job) for name, job in jobs.items()}
+    assert state == "COMPLETED" and set(states.values()) == {"COMPLETED"}, (states, logs())
+
+    assert verify_dataset(dataset, spark=spark).ok
+    run = Path((runs / ".pipeline" / "train.run").read_text().strip())
+    assert run.parent == runs and (run / "_SUCCESS").is_file()
+    grid = GridPaths(Path((runs / ".pipeline" / "lottery.grid").read_text().strip()))
+    assert grid.root.parent == run
+    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    assert len(ids) == 2 and done_ids(grid) == ids
+    for task_id in ids:
+        result = read_json(grid.result(task_id))["result"]
+        assert 0.0 <= result["accuracy"] <= 1.0 and len(result["history"]) == 1
+    report = grid.report.read_text()
+    assert grid.results_csv.is_file() and "0.5" in report and "0.8" in report
