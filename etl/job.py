@@ -2,17 +2,23 @@
 
 Plan of the job (each step is what makes a guarantee of DESIGN.md hold):
 1. The driver asks the source for its classes and units of work (cheap: no pixel is read).
-2. Enumerate: executors list every unit's inputs (names and locators only, no pixels); the result
-   is cached and the driver counts it per split. This count is independent of what gets written,
-   so the final reconciliation inputs == written + quarantined can actually fail.
-3. Shuffle the small records (never image bytes) into one partition per shard, sorted by the seeded
-   order, skipping shards a previous run already committed.
-4. Each shard task reads, decodes, converts and resizes its inputs (pure functions of etl.images)
-   and streams them into its shard file(s) under temporary names, renames them, then commits a
-   sidecar (counts, checksums, quarantined inputs). A retried or speculative attempt rewrites
-   identical bytes, so the last rename is harmless.
-5. The driver reads the committed sidecars (not accumulators), reconciles, writes quarantine.jsonl,
+2. Enumerate and shuffle: executors list every unit's inputs (names and locators only, no pixels),
+   key each small record by its shard and seeded in-shard order, and shuffle it into one partition
+   per shard, sorted. The driver then counts that shuffled output per split and checks keys are
+   unique (equal keys meet in one shard, side by side). This count is independent of what gets
+   written, so the final reconciliation inputs == written + quarantined can actually fail.
+3. Each shard task reads the same shuffle output again (Spark reuses the map output: nothing is
+   enumerated twice), then reads, decodes, converts and resizes its inputs (pure functions of
+   etl.images) and streams them into its shard file(s) under temporary names, renames them, then
+   commits a sidecar (counts, checksums, quarantined inputs). Shards a previous run committed are
+   not run at all. A retried or speculative attempt rewrites identical bytes, so the last rename
+   is harmless.
+4. The driver reads the committed sidecars (not accumulators), reconciles, writes quarantine.jsonl,
    manifest.json and finally _SUCCESS.
+
+Two Spark jobs and three stages in all: Spark's cost is per task more than per record (a task costs
+tens of milliseconds of JVM and Python worker CPU), so the job keeps tasks few; see
+bench/etl_throughput.py for the measured overhead.
 """
 from __future__ import annotations
 
@@ -23,7 +29,6 @@ import datetime as _dt
 import functools
 import json
 import logging
-import operator
 import shutil
 from typing import Any, Iterable, Iterator
 
@@ -63,11 +68,77 @@ def dataset_hash(settings: EtlSettings) -> str:
 # ---------------------------------------------------------------------------- executor functions
 # Module-level functions bound with functools.partial, so Spark pickles only what they need.
 
-def _enumerate(source, indexed_units: Iterable) -> Iterator[tuple[int, InputRecord]]:
+def _trim_import_caches() -> None:
+    """Forget the Python worker's zip importers; they are rebuilt cheaply on the next import.
+
+    PySpark's worker calls importlib.invalidate_caches() at the start of every task, and on
+    Python 3.11 that makes each cached zipimporter re-read its whole archive's directory:
+    pyspark.zip and py4j's zip under several package folders, and the spark-core jar that Spark
+    puts on the workers' PYTHONPATH. Measured: about 0.1 CPU-second per task, more than the task
+    itself for a small shard. Modules already imported stay imported; only the finders go.
+    """
+    import sys
+    import zipimport
+
+    cache = sys.path_importer_cache
+    for path in [p for p, finder in cache.items() if isinstance(finder, zipimport.zipimporter)]:
+        cache.pop(path, None)
+
+
+def _enumerate_keyed(source, seed: int, slot_of: dict[tuple[str, int], int],
+                     shard_counts: dict[str, int], indexed_units: Iterable) -> Iterator[tuple]:
+    """((slot, order key), (unit index, record)) for every input of these units.
+
+    A record the job cannot place (unknown split, key not under its split) still goes somewhere,
+    to slot 0, so that the count pass sees it and the driver names it; an executor never fails
+    the job on a source's mistake.
+    """
+    _trim_import_caches()
     faults.maybe_fail("enumerate")
     for unit_index, unit in indexed_units:
         for record in source.records(unit):
-            yield unit_index, record
+            shards = shard_counts.get(record.split)
+            if shards is None or not record.key.startswith(f"{record.split}/"):
+                slot = 0
+            else:
+                slot = slot_of[(record.split, shard_of(seed, record.split, record.key, shards))]
+            yield (slot, order_key(seed, record.split, record.key)), (unit_index, record)
+
+
+@dataclasses.dataclass
+class _SlotSummary:
+    """What the count pass learns about one shard's inputs (small: examples are capped)."""
+
+    slot: int
+    inputs: int = 0
+    strays: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (split, key)
+    n_strays: int = 0
+    duplicates: list[str] = dataclasses.field(default_factory=list)
+    n_duplicates: int = 0
+
+
+_EXAMPLES = 5  # offending keys an error message names
+
+
+def _summarise(slot_table: list[_ShardSlot], partition: int, items: Iterator) -> Iterator:
+    """Count one shard's inputs; find strays and duplicate keys (adjacent after the sort)."""
+    _trim_import_caches()
+    slot = slot_table[partition]
+    summary = _SlotSummary(partition)
+    previous = None
+    for (_, order), (_, record) in items:
+        if record.split != slot.split or not record.key.startswith(f"{slot.split}/"):
+            summary.n_strays += 1
+            if len(summary.strays) < _EXAMPLES:
+                summary.strays.append((record.split, record.key))
+            continue
+        summary.inputs += 1
+        if order == previous:
+            summary.n_duplicates += 1
+            if len(summary.duplicates) < _EXAMPLES:
+                summary.duplicates.append(record.key)
+        previous = order
+    return iter([summary])
 
 
 def _quarantine(record: InputRecord, reason: str, detail: str) -> QuarantineEntry:
@@ -136,6 +207,7 @@ def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str
                      items: Iterator) -> Iterator[str]:
     from etl.shard_writer import write_shard
 
+    _trim_import_caches()
     faults.maybe_fail("write")
     slot = slot_table[partition]
     paths = DatasetPaths(root)
@@ -195,6 +267,62 @@ def _slot_table(settings: EtlSettings, splits: list[str]) -> list[_ShardSlot]:
             for split in splits for i in range(settings.shards_for(split))]
 
 
+def _slot_partition(key: tuple) -> int:
+    return key[0]
+
+
+def _consume(items: Iterable) -> list:
+    return list(items)
+
+
+def _check_inputs(source_name: str, slot_table: list[_ShardSlot],
+                  summaries: list[_SlotSummary]) -> dict[str, int]:
+    """Inputs per split from the count pass; refuses strays and duplicate keys, naming a few."""
+    if sorted(s.slot for s in summaries) != list(range(len(slot_table))):
+        raise EtlError(f"the count pass returned slots {sorted(s.slot for s in summaries)} "
+                       f"for {len(slot_table)} shards")
+    strays = [x for s in summaries for x in s.strays]
+    unknown = sorted({split for split, _ in strays if split not in SPLITS})
+    if unknown:
+        raise EtlError(f"source {source_name} produced unknown splits {unknown}")
+    if strays:
+        split, key = strays[0]
+        raise EtlError(f"source {source_name} produced {sum(s.n_strays for s in summaries)} "
+                       f"keys outside their split, e.g. {key!r} in split {split!r}; every key must "
+                       f"start with '<split>/'")
+    n_duplicates = sum(s.n_duplicates for s in summaries)
+    if n_duplicates:
+        examples = sorted(k for s in summaries for k in s.duplicates)[:_EXAMPLES]
+        raise EtlError(f"source {source_name} produced {n_duplicates} duplicate input keys "
+                       f"(e.g. {', '.join(examples)}); every input must have a unique key")
+    inputs: dict[str, int] = {}
+    for summary in summaries:
+        split = slot_table[summary.slot].split
+        inputs[split] = inputs.get(split, 0) + summary.inputs
+    return inputs
+
+
+def _enumerate_and_count(sc, source, units: list, slot_table: list[_ShardSlot], seed: int,
+                         source_name: str):
+    """Step 2 of the plan: the shuffled, sorted records (an RDD with one partition per slot of
+    `slot_table`) and the number of inputs per split, from one Spark job."""
+    # Every split gets its slots up front (the count comes later, from the same shuffle); a split
+    # without inputs just leaves its slots empty and they are never written.
+    slot_of = {(s.split, s.index): i for i, s in enumerate(slot_table)}
+    shard_counts = {s.split: s.count for s in slot_table}
+    # Two enumeration tasks per core balance uneven units; more would only add per-task cost.
+    n_slices = max(1, min(len(units), sc.defaultParallelism * 2))
+    sc.setJobDescription(ENUMERATE_PHASE)
+    shuffled = (sc.parallelize(list(enumerate(units)), n_slices)
+                .mapPartitions(functools.partial(_enumerate_keyed, source, seed, slot_of,
+                                                 shard_counts))
+                .repartitionAndSortWithinPartitions(numPartitions=len(slot_table),
+                                                    partitionFunc=_slot_partition))
+    summaries = shuffled.mapPartitionsWithIndex(
+        functools.partial(_summarise, slot_table)).collect()
+    return shuffled, _check_inputs(source_name, slot_table, summaries)
+
+
 def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dict:
     """Run (or finish, or skip) the ETL job; returns the dataset's manifest."""
     from etl.manifest import validate_manifest
@@ -221,57 +349,35 @@ def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dic
         from common.spark import get_spark
 
         spark = get_spark("bigticket-etl", master)
-    sc = spark.sparkContext
-    indexed_units = list(enumerate(units))
-    n_slices = max(1, min(len(units), sc.defaultParallelism * 4))
-
-    sc.setJobDescription(ENUMERATE_PHASE)
-    records = sc.parallelize(indexed_units, n_slices).mapPartitions(
-        functools.partial(_enumerate, source)).cache()
-    inputs = records.map(lambda ur: (ur[1].split, 1)).reduceByKey(operator.add).collectAsMap()
-    unknown = set(inputs) - set(SPLITS)
-    if unknown:
-        raise EtlError(f"source {settings.source} produced unknown splits {sorted(unknown)}")
-    distinct = records.map(lambda ur: ur[1].key).distinct().count()
-    if distinct != sum(inputs.values()):
-        raise EtlError(f"source {settings.source} produced {sum(inputs.values()) - distinct} "
-                       "duplicate input keys; every input must have a unique key")
+    slot_table = _slot_table(settings, list(SPLITS))
+    shuffled, inputs = _enumerate_and_count(spark.sparkContext, source, units, slot_table,
+                                            settings.seed, settings.source)
     splits = [s for s in SPLITS if inputs.get(s, 0) > 0]
     log.info("inputs: %s", ", ".join(f"{s}={inputs[s]}" for s in splits))
 
-    slot_table = _slot_table(settings, splits)
-    slots = {(s.split, s.index): i for i, s in enumerate(slot_table)}
-    done = frozenset(i for i, s in enumerate(slot_table)
-                     if paths.shard_sidecar(s.split, s.index, s.count).exists())
-    if done:
-        log.info("resuming: %d of %d shards already committed", len(done), len(slot_table))
+    todo = [i for i, s in enumerate(slot_table) if s.split in splits
+            and not paths.shard_sidecar(s.split, s.index, s.count).exists()]
+    n_slots = sum(1 for s in slot_table if s.split in splits)
+    if len(todo) < n_slots:
+        log.info("resuming: %d of %d shards already committed", n_slots - len(todo), n_slots)
     for split in splits:
         paths.split_dir(split).mkdir(parents=True, exist_ok=True)
         clean_stale_temps(paths, split)
 
-    sc.setJobDescription(WRITE_PHASE)
-    shard_counts = {s: settings.shards_for(s) for s in splits}
-    seed = settings.seed
-
-    def by_shard(unit_record):
-        record = unit_record[1]
-        slot = slots[(record.split, shard_of(seed, record.split, record.key,
-                                             shard_counts[record.split]))]
-        return (slot, order_key(seed, record.split, record.key)), unit_record
-
     image_job = _ImageJob(source, units, classes, ResizePolicy.parse(settings.resize),
                           settings.quality, ImageLimits(max_bytes=settings.max_image_bytes,
                                                         max_pixels=settings.max_image_pixels))
-    (records.map(by_shard)
-     .filter(lambda item: item[0][0] not in done)
-     .repartitionAndSortWithinPartitions(numPartitions=len(slot_table),
-                                         partitionFunc=lambda key: key[0])
-     .mapPartitionsWithIndex(functools.partial(
-         _write_partition, str(paths.root), slot_table, settings.formats, dataset_id, image_job))
-     .count())
-    records.unpersist()
+    if todo:
+        shuffled.context.setJobDescription(WRITE_PHASE)
+        # The same shuffled RDD: Spark skips its map stage and the shard tasks read the shuffle
+        # files the count pass already produced. Only the shards still to write get a task.
+        writer = shuffled.mapPartitionsWithIndex(functools.partial(
+            _write_partition, str(paths.root), slot_table, settings.formats, dataset_id, image_job))
+        shuffled.context.runJob(writer, _consume, partitions=todo)
+    shuffled.context.setJobDescription(None)
 
-    manifest = _finish(paths, settings, dataset_id, source.describe(), classes, slot_table, inputs)
+    manifest = _finish(paths, settings, dataset_id, source.describe(), classes,
+                       [s for s in slot_table if s.split in splits], inputs)
     validate_manifest(manifest, paths.root)
     write_json(paths.manifest, manifest)
     paths.success.write_bytes(b"")

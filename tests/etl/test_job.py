@@ -164,3 +164,113 @@ def test_killed_driver_resumes_to_the_clean_result(digits_clean, tmp_path):
     assert proc.returncode == 0, stderr.decode()[-3000:]
     assert _stable(load_manifest(out)) == _stable(clean_manifest)
     assert _final_files(out) == clean_files
+
+
+# ------------------------------------------------- one enumeration, one shuffle, source mistakes
+
+class _ListedSource:
+    """A source whose units are lists of (split, key): the count pass's inputs, chosen exactly.
+
+    Each records(unit) call leaves a marker file, so a test can count how often the executors
+    enumerated. Pickled by value (below), so Spark's Python workers need not import this module.
+    """
+
+    name = "listed"
+
+    def __init__(self, units: list[list[tuple[str, str]]], markers: Path):
+        self._units, self._markers = units, str(markers)
+
+    def units(self) -> list:
+        return list(range(len(self._units)))
+
+    def records(self, unit):
+        import uuid
+
+        from etl.records import InputRecord
+
+        (Path(self._markers) / f"unit{unit}-{uuid.uuid4().hex}").write_bytes(b"")
+        for split, key in self._units[unit]:
+            yield InputRecord(key=key, split=split, label=0, source=key)
+
+
+def _count(spark, units, markers: Path, train_shards=3, validation_shards=2):
+    from pyspark import cloudpickle
+
+    from etl.job import _enumerate_and_count, _ShardSlot
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        table = ([_ShardSlot("train", i, train_shards) for i in range(train_shards)]
+                 + [_ShardSlot("validation", i, validation_shards) for i in range(validation_shards)])
+        source = _ListedSource(units, markers)
+        return _enumerate_and_count(spark.sparkContext, source, source.units(), table, 7, "listed")
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def test_count_pass_counts_per_split_and_its_shuffle_is_reused(spark, tmp_path):
+    units = [[("train", f"train/a/{i}.JPEG") for i in range(40)],
+             [("validation", f"validation/b/{i}.JPEG") for i in range(13)],
+             [("train", f"train/c/{i}.JPEG") for i in range(5)]]
+    shuffled, inputs = _count(spark, units, tmp_path)
+    assert inputs == {"train": 45, "validation": 13}
+    # Every record sits in the partition of its shard, sorted by the seeded order...
+    from etl.sharding import order_key, shard_of
+
+    parts = shuffled.mapPartitionsWithIndex(
+        lambda i, it: [(i, [(k, r.split, r.key) for k, (_, r) in it])]).collect()
+    slots = [("train", 3)] * 3 + [("validation", 2)] * 2
+    for index, rows in parts:
+        split, count = slots[index]
+        assert [k for k, _, _ in rows] == sorted(k for k, _, _ in rows)
+        for (slot, order), rsplit, key in rows:
+            assert slot == index and rsplit == split
+            assert shard_of(7, split, key, count) == index - (0 if split == "train" else 3)
+            assert order == order_key(7, split, key)
+    assert sum(len(rows) for _, rows in parts) == 58
+    # ...and the second job read the shuffle output again: each unit was enumerated once.
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["unit0", "unit1", "unit2"]
+
+
+@pytest.mark.parametrize("units, message", [
+    ([[("train", "train/a/1.JPEG"), ("train", "train/a/2.JPEG")], [("train", "train/a/1.JPEG")]],
+     r"1 duplicate input keys \(e\.g\. train/a/1\.JPEG\)"),
+    ([[("train", "train/a/1.JPEG")], [("test", "test/a/1.JPEG")]], r"unknown splits \['test'\]"),
+    ([[("train", "train/a/1.JPEG"), ("train", "validation/a/2.JPEG")]],
+     r"1 keys outside their split, e\.g\. 'validation/a/2\.JPEG' in split 'train'"),
+])
+def test_source_mistakes_are_refused_by_name(spark, tmp_path, units, message):
+    with pytest.raises(EtlError, match=message):
+        _count(spark, units, tmp_path)
+
+
+def test_job_runs_two_spark_jobs_and_enumerates_once(spark, tmp_path):
+    """Spark's cost is mostly per job, stage and task: the whole job is one counting job and one
+    writing job whose map stage is skipped (it reuses the counting job's shuffle)."""
+    from tests.etl.corpus import photo_variants
+
+    root = tmp_path / "imagenet"
+    for i, data in enumerate(photo_variants(12, seed=3, size=(120, 90))):
+        path = root / "train" / f"n0000000{i % 2}" / f"img_{i}.JPEG"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    sc = spark.sparkContext
+    sc.setJobGroup("etl-structure-test", "the ETL job's Spark jobs")
+    try:
+        manifest = prepare(EtlSettings(source="imagenet-folder", input=str(root),
+                                       out=str(tmp_path / "ds"), resize="fixed:16",
+                                       format="tfrecord", train_shards=3), spark=spark)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert manifest["splits"]["train"]["records"] == 12
+    tracker = sc.statusTracker()
+    jobs = sorted(tracker.getJobIdsForGroup("etl-structure-test"))
+    assert len(jobs) == 2
+    count_job, write_job = (tracker.getJobInfo(j) for j in jobs)
+    assert count_job.status == write_job.status == "SUCCEEDED"
+    # The write job's first stage (enumerate + shuffle write) is the count job's: never re-run.
+    assert set(write_job.stageIds) & set(count_job.stageIds) == set() and len(write_job.stageIds) == 2
+    ran = [tracker.getStageInfo(s) for s in write_job.stageIds]
+    assert sum(1 for info in ran if info is not None and info.numCompletedTasks > 0) == 1
+    # Only the 3 train shards are written: no task for the empty validation split.
+    assert max(info.numTasks for info in ran if info is not None) == 3
