@@ -2,7 +2,7 @@
 
 The driver calls `classes()`, `describe()` and `units()` (cheap: no image is read). Executors call
 `records(unit)` to enumerate a unit's inputs (names only) and `open_unit(unit)` to read their
-bytes; enumeration runs twice (once to count inputs, once to process), so it must be cheap and
+bytes. Enumeration runs once per job, but again for a retried task, so it must be cheap and
 deterministic.
 """
 from __future__ import annotations

@@ -69,7 +69,11 @@ def read_file_capped(path: Path, max_bytes: int) -> bytes:
             size = os.fstat(fh.fileno()).st_size
             if size > max_bytes:
                 raise Rejected("too_large", f"{size} bytes > max_image_bytes {max_bytes}")
-            data = fh.read(max_bytes + 1)  # +1: a file that grew since stat is still caught
+            # size + 1: a file that grew since stat is still caught; reading max_bytes + 1 would
+            # allocate the whole cap (32 MiB) for every image.
+            data = fh.read(size + 1)
+            if len(data) > size:
+                data += fh.read(max_bytes + 1 - len(data))
     except OSError as err:
         raise Rejected("error", f"cannot read: {err.strerror or err}") from None
     if len(data) > max_bytes:
