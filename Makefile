@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo-output
+EARLY_BIRD ?=
 PYTEST_ARGS ?=
 
 .PHONY: demo test bench clean-demo venv pyfiles
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bigticket demo --out $(DEMO_DIR)
+	$(BIN)/bigticket demo --out $(DEMO_DIR) $(if $(EARLY_BIRD),--early-bird,)
 
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
 test: $(STAMP)

@@ -85,7 +85,8 @@ def load_checkpoint(run_dir: str | os.PathLike, name: str):
     """Rebuild the run's model from its settings.json and load checkpoint `name` into it.
 
     For the lottery stage: returns an uncompiled keras.Model (optimizer state in the file is
-    not restored). `name` is 'init', 'final' or a rewind label such as '3ep'.
+    not restored). `name` is 'init', 'final', 'early_bird' (the drawn Early-Bird ticket) or a
+    rewind label such as '3ep'.
     """
     from common.atomic import read_json
     from train.models import build_model
@@ -93,7 +94,7 @@ def load_checkpoint(run_dir: str | os.PathLike, name: str):
     run = DenseRunPaths(Path(run_dir))
     if not run.settings.is_file():
         raise FileNotFoundError(f"{run.settings}: not a dense run directory (no settings.json)")
-    if name not in ("init", "final"):
+    if name not in ("init", "final", "early_bird"):
         name = RewindPoint.parse(name).label
     path = run.checkpoint(name)
     if not path.is_file():

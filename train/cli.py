@@ -1,7 +1,7 @@
 """`bigticket train dense ...`: train a dense network and print the run directory it wrote.
 
-Settings come from `--config FILE` (JSON/YAML with DenseSettings' field names), overridden by the
-flags given on the command line. Every check (settings, dataset, rewind points) runs before any
+Settings come from `--preset NAME` (bigticket.presets), then `--config FILE` (JSON/YAML with
+DenseSettings' field names), then the flags given on the command line, each overriding the last. Every check (settings, dataset, rewind points) runs before any
 training; a failure prints one line naming the flag, setting or file and exits with status 2.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ _FLAGS = ("data", "model", "engine", "epochs", "rewind", "out", "workers", "batc
           "lr_schedule", "warmup_epochs", "lr_decay_epochs", "lr_decay_factor", "optimizer",
           "momentum", "weight_decay", "seed", "averaging", "early_stopping_patience",
           "early_stopping_metric", "mixed_precision", "deterministic", "input_size", "format",
-          "augment", "cache", "shuffle_buffer", "master")
+          "augment", "cache", "shuffle_buffer", "master", "bn_l1", "early_bird",
+          "early_bird_ratio", "early_bird_window", "early_bird_threshold", "stop_at_early_bird")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dense = sub.add_parser("dense", help="train a dense network; prints the run directory",
                            description=__doc__.splitlines()[0])
     a = dense.add_argument
+    a("--preset", metavar="NAME", help="start from a named preset of bigticket.presets, e.g. "
+      "early-bird-resnet20 (--config and flags override it)")
     a("--config", metavar="FILE", help="JSON/YAML file of settings (flags override it)")
     a("--data", metavar="DIR", help="dataset directory written by `bigticket etl prepare`")
     a("--model", help="mobilenet_v2, resnet20, resnet44, resnet56, lenet_300_100, conv_small")
@@ -58,6 +61,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--augment", choices=("none", "crop", "crop_flip"))
     a("--shuffle-buffer", dest="shuffle_buffer", type=int)
     a("--master", help="Spark master for --engine elephas (default: spark-submit's, or local[*])")
+    bird = dense.add_argument_group("network slimming and Early-Bird tickets")
+    b = bird.add_argument
+    b("--bn-l1", dest="bn_l1", type=float, metavar="LAMBDA",
+      help="L1 penalty on every BatchNorm scale (network slimming), e.g. 1e-4")
+    b("--early-bird", dest="early_bird", action=argparse.BooleanOptionalAction,
+      help="after each epoch, draw the BN channel mask and detect the Early-Bird ticket "
+           "(writes early_bird.json, early_bird_masks.npz, checkpoint early_bird)")
+    b("--early-bird-ratio", dest="early_bird_ratio", type=float, metavar="R",
+      help="fraction of channels the mask prunes (default 0.5)")
+    b("--early-bird-window", dest="early_bird_window", type=int, metavar="N",
+      help="consecutive masks compared (default 5)")
+    b("--early-bird-threshold", dest="early_bird_threshold", type=float, metavar="D",
+      help="drawn when their max Hamming distance is under D (default 0.1)")
+    b("--stop-at-early-bird", dest="stop_at_early_bird", action=argparse.BooleanOptionalAction,
+      help="end dense training once the ticket is drawn (the run still completes)")
     dense.set_defaults(_train_run=_run_dense)
 
 
@@ -75,7 +93,13 @@ def settings_from_args(args: argparse.Namespace):
     from common.settings import load_settings_file, make_settings
     from train.settings import DenseSettings
 
-    values = load_settings_file(args.config) if args.config else {}
+    values = {}
+    if getattr(args, "preset", None):
+        from bigticket.presets import preset
+
+        values.update(preset(args.preset, "dense"))  # ValueError names the preset
+    if args.config:
+        values.update(load_settings_file(args.config))
     for name in _FLAGS:
         value = getattr(args, name, None)
         if value is not None:

@@ -81,7 +81,7 @@ def model_builder(settings: DenseSettings, num_classes: int) -> Callable:
     """A zero-argument, picklable-by-cloudpickle factory of the run's uncompiled model, seeded
     so that every engine (and every Spark worker) starts from the same initial weights."""
     name, options, size, seed = settings.model, dict(settings.model_options), settings.input_size, settings.seed
-    mixed = settings.mixed_precision
+    mixed, bn_l1 = settings.mixed_precision, settings.bn_l1
 
     def factory():
         import keras
@@ -90,7 +90,7 @@ def model_builder(settings: DenseSettings, num_classes: int) -> Callable:
 
         _set_precision(mixed)  # also on Spark executors, which never ran configure_tensorflow
         keras.utils.set_random_seed(seed)
-        return build_model(name, num_classes, size, **options)
+        return build_model(name, num_classes, size, bn_l1=bn_l1, **options)
 
     return factory
 
@@ -232,6 +232,8 @@ class LocalEngine:
                     probs = model(x, training=True)
                     per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
                     loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+                    if model.losses:  # regularizers (bn_l1), as Keras' fit adds them
+                        loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
                 grads = tape.gradient(loss, model.trainable_variables)
                 model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
                 correct = tf.reduce_sum(tf.cast(tf.equal(

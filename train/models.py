@@ -76,23 +76,24 @@ def mobilenet_v2(num_classes: int, input_size: int, alpha: float = 1.0,
     return keras.Model(inputs, _classifier(x, num_classes), name=f"mobilenet_v2_{alpha:g}")
 
 
-def _resnet_block(x, filters: int, stride: int, name: str):
+def _resnet_block(x, filters: int, stride: int, name: str, bn_momentum: float):
     keras, layers = _keras()
     init = "he_normal"
+    bn = {"momentum": bn_momentum}
     y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False,
                       kernel_initializer=init, name=f"{name}_conv1")(x)
-    y = layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = layers.BatchNormalization(name=f"{name}_bn1", **bn)(y)
     y = layers.ReLU(name=f"{name}_relu1")(y)
     y = layers.Conv2D(filters, 3, padding="same", use_bias=False, kernel_initializer=init,
                       name=f"{name}_conv2")(y)
-    y = layers.BatchNormalization(name=f"{name}_bn2")(y)
+    y = layers.BatchNormalization(name=f"{name}_bn2", **bn)(y)
     if stride != 1 or x.shape[-1] != filters:
         # Option B (He et al. 2016, sec. 4.2): a 1x1 strided projection where the shape changes.
         # Option A's zero-padded identity needs a Lambda (channel padding), which safe_mode
         # refuses; B costs two small convolutions per network and is slightly more accurate.
         x = layers.Conv2D(filters, 1, strides=stride, use_bias=False, kernel_initializer=init,
                           name=f"{name}_proj")(x)
-        x = layers.BatchNormalization(name=f"{name}_proj_bn")(x)
+        x = layers.BatchNormalization(name=f"{name}_proj_bn", **bn)(x)
     return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([x, y]))
 
 
@@ -101,17 +102,24 @@ def _cifar_resnet(depth: int) -> Callable[..., Any]:
         raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
     blocks = (depth - 2) // 6
 
-    def build(num_classes: int, input_size: int, width: int = 16):
-        """He et al. 2016's CIFAR ResNet: 3 stages of `blocks` basic blocks, width/2w/4w filters."""
+    def build(num_classes: int, input_size: int, width: int = 16, bn_momentum: float = 0.99):
+        """He et al. 2016's CIFAR ResNet: 3 stages of `blocks` basic blocks, width/2w/4w filters.
+
+        `bn_momentum`: Keras' default 0.99 suits CIFAR's ~400 steps per epoch; a tiny dataset
+        (digits: ~23) needs 0.9 or the moving statistics, and so evaluation, lag for many epochs.
+        """
+        if not 0 < bn_momentum < 1:
+            raise ValueError(f"model_options.bn_momentum must be in (0, 1), got {bn_momentum}")
         keras, layers = _keras()
         inputs, x = _normalised_input(input_size, 1.0 / 255.0, 0.0)
         x = layers.Conv2D(width, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
                           name="stem_conv")(x)
-        x = layers.ReLU(name="stem_relu")(layers.BatchNormalization(name="stem_bn")(x))
+        x = layers.ReLU(name="stem_relu")(
+            layers.BatchNormalization(name="stem_bn", momentum=bn_momentum)(x))
         for stage, filters in enumerate((width, 2 * width, 4 * width)):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = _resnet_block(x, filters, stride, f"s{stage + 1}b{block + 1}")
+                x = _resnet_block(x, filters, stride, f"s{stage + 1}b{block + 1}", bn_momentum)
         x = layers.GlobalAveragePooling2D(name="pool")(x)
         return keras.Model(inputs, _classifier(x, num_classes), name=f"resnet{depth}")
 
@@ -153,12 +161,43 @@ def conv_small(num_classes: int, input_size: int, blocks: int = 2, width: float 
 # name -> (builder, accepted options)
 MODELS: dict[str, tuple[Callable[..., Any], set[str]]] = {
     "mobilenet_v2": (mobilenet_v2, {"alpha", "bn_momentum"}),
-    "resnet20": (_cifar_resnet(20), {"width"}),
-    "resnet44": (_cifar_resnet(44), {"width"}),
-    "resnet56": (_cifar_resnet(56), {"width"}),
+    "resnet20": (_cifar_resnet(20), {"width", "bn_momentum"}),
+    "resnet44": (_cifar_resnet(44), {"width", "bn_momentum"}),
+    "resnet56": (_cifar_resnet(56), {"width", "bn_momentum"}),
     "lenet_300_100": (lenet_300_100, set()),
     "conv_small": (conv_small, {"blocks", "width", "dense"}),
 }
+
+
+# Models built with BatchNormalization layers (the Early-Bird mask and bn_l1 need them); a test
+# builds every registered model and checks this set against its layers.
+BATCHNORM_MODELS = frozenset({"mobilenet_v2", "resnet20", "resnet44", "resnet56"})
+
+
+def has_batchnorm(name: str) -> bool:
+    return name in BATCHNORM_MODELS
+
+
+def _all_layers(layer):
+    for sub in getattr(layer, "layers", ()):
+        yield sub
+        yield from _all_layers(sub)
+
+
+def add_bn_l1(model, strength: float) -> int:
+    """An L1 penalty `strength * sum|gamma|` on every BatchNorm scale of `model`, nested models
+    included (network slimming, Liu et al. 2017); returns how many gammas it covers.
+
+    Set on the built variable (what Keras sums into `model.losses`) and on the layer (what its
+    config saves), so model.keras reloads with the same penalty under safe_mode."""
+    keras, layers = _keras()
+    count = 0
+    for layer in _all_layers(model):
+        if isinstance(layer, layers.BatchNormalization) and getattr(layer, "gamma", None) is not None:
+            layer.gamma_regularizer = keras.regularizers.L1(strength)
+            layer.gamma.regularizer = layer.gamma_regularizer
+            count += 1
+    return count
 
 
 def check_model_name(name: str) -> None:
@@ -171,12 +210,18 @@ def check_model_options(name: str, options: dict) -> None:
     _check_options(name, dict(options), MODELS[name][1])
 
 
-def build_model(name: str, num_classes: int, input_size: int, **options):
-    """An uncompiled model from the registry; ValueError names an unknown model or option."""
+def build_model(name: str, num_classes: int, input_size: int, *, bn_l1: float = 0.0, **options):
+    """An uncompiled model from the registry; ValueError names an unknown model or option.
+    `bn_l1` > 0 adds an L1 penalty on every BatchNorm scale (add_bn_l1)."""
     check_model_options(name, options)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if input_size < 1:
         raise ValueError(f"input_size must be >= 1, got {input_size}")
+    if bn_l1 < 0:
+        raise ValueError(f"bn_l1 must be >= 0, got {bn_l1}")
     builder, _ = MODELS[name]
-    return builder(num_classes, input_size, **options)
+    model = builder(num_classes, input_size, **options)
+    if bn_l1 > 0 and not add_bn_l1(model, bn_l1):
+        raise ValueError(f"bn_l1: model {name!r} has no BatchNorm layers")
+    return model

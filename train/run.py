@@ -12,12 +12,19 @@ Resume: after every epoch the chief saves the weights and optimizer state (one `
 last, so whatever it names is complete. A re-run loads it and continues with epoch k+1; since the
 data order and augmentation derive from (seed, epoch), the final weights equal an uninterrupted
 run's.
+
+Early-Bird (settings.early_bird): after every epoch, before the resume state names it, the
+detector of `lottery.early_bird` writes early_bird.json and early_bird_masks.npz (and checkpoint
+"early_bird" when the ticket is drawn); a resumed run replays them up to its last complete epoch.
+With stop_at_early_bird the loop ends at the ticket and the run completes as usual.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import math
 import shutil
@@ -27,10 +34,10 @@ from typing import Any, Callable, Sequence
 
 from common.atomic import atomic_path, read_json, write_json, write_text
 from common.paths import DenseRunPaths
-from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
+from common.settings import SCHEMA_VERSION, settings_to_dict
 from train.checkpoints import rewind_steps, save_checkpoint, save_weights_atomic
 from train.data import DatasetInfo, describe, open_dataset
-from train.settings import NON_IDENTITY_FIELDS, DenseSettings
+from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSettings
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +75,19 @@ def run_hash(settings: DenseSettings, info: DatasetInfo) -> str:
     """The run's identity: resolved settings minus where/how fields, plus the dataset's manifest."""
     canonical = dataclasses.replace(settings, **{f: None if f == "master" else "" for f in
                                                  NON_IDENTITY_FIELDS})
-    return settings_hash(canonical, extra={"manifest_sha256": info.manifest_sha256})
+    # Fields added since the first runs are left out while at their defaults, so those runs keep
+    # their directory names: this is common.settings.settings_hash's payload minus those fields.
+    payload = {"schema_version": SCHEMA_VERSION, "kind": type(settings).__name__,
+               "settings": _without_later_defaults(settings_to_dict(canonical)),
+               "extra": {"manifest_sha256": info.manifest_sha256}}
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:8]
+
+
+def _without_later_defaults(values: dict) -> dict:
+    """Settings minus the later fields that sit at their defaults (absent from older records)."""
+    return {k: v for k, v in values.items()
+            if not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])}
 
 
 def lr_at(settings: DenseSettings, epoch: float) -> float:
@@ -124,7 +143,8 @@ def _settings_record(settings: DenseSettings, info: DatasetInfo, steps_per_epoch
 
 def _identity(record: dict) -> dict:
     """The parts of a settings record that must match for a run directory to be reused."""
-    settings = {k: v for k, v in record["settings"].items() if k not in NON_IDENTITY_FIELDS}
+    settings = {k: v for k, v in _without_later_defaults(record["settings"]).items()
+                if k not in NON_IDENTITY_FIELDS}
     return {**{k: v for k, v in record.items() if k != "dataset"}, "settings": settings}
 
 
@@ -388,8 +408,21 @@ def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
                 if at == step:
                     save_checkpoint(engine.model, run, label)
 
+    tracker = None
+    if settings.early_bird:
+        # lottery -> train is the usual direction; this lazy import is the one seam back: the
+        # detector lives with the other pruning maths, the driver only calls it per epoch.
+        from lottery.early_bird import EarlyBirdTracker
+
+        tracker = EarlyBirdTracker(run, model, ratio=settings.early_bird_ratio,
+                                   window=settings.early_bird_window,
+                                   threshold=settings.early_bird_threshold,
+                                   stop_at_early_bird=settings.stop_at_early_bird,
+                                   epochs=settings.epochs, chief=chief)
+        tracker.resume(epochs_done)
+
     writer = tf.summary.create_file_writer(str(run.tensorboard)) if chief else None
-    stopped = _early_stop(settings, history)
+    stopped = _early_stop(settings, history) or (tracker is not None and tracker.stop)
     from tqdm import tqdm
 
     epochs = tqdm(range(epochs_done, settings.epochs), initial=epochs_done, total=settings.epochs,
@@ -408,6 +441,9 @@ def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
                  epoch + 1, settings.epochs, row.get("loss", float("nan")),
                  row.get("accuracy", float("nan")), row.get("val_loss", float("nan")),
                  row.get("val_accuracy", float("nan")), lr, row["time_s"])
+        # Early-Bird files before the resume state names this epoch: a run killed in between
+        # retrains the epoch and rewrites them (tracker.resume keeps epochs <= the state's).
+        bird_stop = tracker is not None and tracker.after_epoch(epoch + 1)
         if chief:
             with writer.as_default(step=epoch + 1):
                 for key in HISTORY_COLUMNS[1:]:
@@ -419,12 +455,16 @@ def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
         if stopped:
             log.info("early stopping after epoch %d: %s has not improved for %d epochs",
                      epoch + 1, settings.early_stopping_metric, settings.early_stopping_patience)
+        elif bird_stop:
+            stopped = True
+            log.info("stopping after epoch %d of %d: the Early-Bird ticket is drawn "
+                     "(stop_at_early_bird)", epoch + 1, settings.epochs)
     if not chief:
         return
     done_steps = len(history) * spe
     missing = [label for label, step in rewinds.items() if step > done_steps]
     if missing:
-        log.warning("early stopping at step %d: no checkpoint for rewind point(s) %s",
+        log.warning("stopped early at step %d: no checkpoint for rewind point(s) %s",
                     done_steps, ", ".join(missing))
     save_checkpoint(model, run, "final")
     _save_model_atomic(model, run.model)

@@ -13,6 +13,10 @@ import pydantic
 from common.settings import settings_dataclass
 
 ENGINES = ("elephas", "local", "multiworker")
+# Fields added after the first runs, with the defaults that left them out of the identity hash.
+LATER_FIELD_DEFAULTS = {"bn_l1": 0.0, "early_bird": False, "early_bird_ratio": 0.5,
+                        "early_bird_window": 5, "early_bird_threshold": 0.1,
+                        "stop_at_early_bird": False}
 # Fields that say where things are or how they are launched, not what is computed: they are
 # left out of the run's identity hash (the dataset is identified by its manifest's sha256).
 NON_IDENTITY_FIELDS = ("data", "out", "master")
@@ -50,6 +54,14 @@ class DenseSettings:
     cache: bool = True                          # cache encoded bytes in memory across epochs
     shuffle_buffer: int = pydantic.Field(default=10_000, ge=1)
     master: Optional[str] = None                # Spark master for elephas (None: spark-submit's)
+    # Network slimming / Early-Bird (issue 6). Added after the first runs: at their defaults they
+    # are left out of the run's identity (train.run.run_hash), so older runs keep their names.
+    bn_l1: float = pydantic.Field(default=0.0, ge=0, le=1)   # L1 penalty on every BN gamma
+    early_bird: bool = False                    # per-epoch BN channel mask + Early-Bird detector
+    early_bird_ratio: float = pydantic.Field(default=0.5, gt=0, lt=1)  # channels pruned by the mask
+    early_bird_window: int = pydantic.Field(default=5, ge=2, le=10_000)  # consecutive masks compared
+    early_bird_threshold: float = pydantic.Field(default=0.1, gt=0, le=1)  # max Hamming distance
+    stop_at_early_bird: bool = False            # end dense training once the ticket is drawn
 
     @pydantic.field_validator("model")
     @classmethod
@@ -79,9 +91,15 @@ class DenseSettings:
 
     @pydantic.model_validator(mode="after")
     def _check(self):
-        from train.models import check_model_options
+        from train.models import BATCHNORM_MODELS, check_model_options, has_batchnorm
 
         check_model_options(self.model, self.model_options)  # message names model_options
+        if (self.early_bird or self.bn_l1 > 0) and not has_batchnorm(self.model):
+            field = "early_bird" if self.early_bird else "bn_l1"
+            raise ValueError(f"{field}: model {self.model!r} has no BatchNorm layers (models with "
+                             f"BatchNorm: {', '.join(sorted(BATCHNORM_MODELS))})")
+        if self.stop_at_early_bird and not self.early_bird:
+            raise ValueError("stop_at_early_bird: needs early_bird (the detector) on")
         if self.lr_schedule == "step" and not self.lr_decay_epochs:
             raise ValueError("lr_decay_epochs: the step schedule needs at least one epoch")
         if any(e < 1 or e > self.epochs for e in self.lr_decay_epochs):
