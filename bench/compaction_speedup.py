@@ -2,10 +2,24 @@
 
 Issue 6 target: at channel ratio 0.5 the measured speed-up is at least 0.7x the FLOP reduction ratio
 (dense FLOPs / compact FLOPs). For each model and ratio (criterion l1, layer scope) the dense and
-the compacted model are timed in the same run, alternately, `--repeats` times; the medians are
-compared. A per-layer-type FLOP split (conv / depthwise / dense) comes with each row: when the
-speed-up lags the FLOP ratio, it shows which kind of layer the remaining work sits in (depthwise
-and small 1x1 convolutions run far below peak on CPU, so their share predicts the gap).
+the compacted models are timed in the same run, interleaved (the order rotates each repeat),
+`--repeats` times; each measurement is the median step time of a `--seconds` window and the
+medians of the repeats are compared.
+
+`--variants` compares the options that decide how close the speed-up comes to the FLOP ratio,
+each a '+'-joined set of: `fold` (BatchNorm folded into the convolution before it, in BOTH arms:
+an inference export), `xla` (both arms' predict steps XLA-compiled), `rN` (select_channels
+round_to=N: the compact arm keeps multiples of N channels per group; its FLOPs, and so the FLOP
+ratio, are those of the model actually timed). `plain` is none of them. `--threads N` pins TF's
+intra-op threads (both arms alike; 0 = TF's default, one per core). `xla` is not in the default
+set: on this CPU it made every arm slower (MobileNetV2 about 10x) and the ratio worse.
+
+On a machine shared with other busy processes wall-clock rates say more about the neighbours than
+the models: `--threads 1 --clock cpu` times images per CPU-second of one thread instead (both arms
+alike), which is stable under load; the wall-clock figure on a quiet machine is the real one.
+
+A per-layer-type FLOP split (conv / pointwise / depthwise / dense) comes with each row: when the
+speed-up lags the FLOP ratio, it shows which kind of layer the remaining work sits in.
 Prints a table and writes JSON (bench/results/compaction_speedup.json).
 """
 from __future__ import annotations
@@ -56,7 +70,8 @@ def flops_by_kind(model) -> dict[str, int]:
     return out
 
 
-def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes=(32, 16, 8)) -> list[dict]:
+def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes=(32, 16, 8),
+                    clock: str = "wall") -> list[dict]:
     """Multiply-adds per second of a stack of 3x3 convolutions (+BN+ReLU) by width and feature-map size.
 
     Why the speed-up trails the FLOP ratio: below the CPU's vector width (16 floats with AVX-512)
@@ -79,14 +94,44 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
                     if bn:
                         x = L.ReLU()(L.BatchNormalization()(x))
                 model = keras.Model(inp, x)
-                rate = inference_rate(model, batch_size=batch, seconds=seconds)
+                rate = inference_rate(model, batch_size=batch, seconds=seconds, stat="median", clock=clock)
                 rows.append({"size": size, "width": width, "bn_relu": bn,
                              "gmac_s": rate * model_flops(model) / 1e9})
     return rows
 
 
-def measure(name: str, size: int, options: dict, ratios: list[float], batch: int, seconds: float,
-            repeats: int, xla: bool = False) -> list[dict]:
+def parse_variant(text: str) -> dict:
+    """'fold+r16+xla' -> {"name", "fold", "xla", "round_to"}; ValueError naming a bad part."""
+    out = {"name": text, "fold": False, "xla": False, "round_to": 1}
+    for part in filter(None, text.split("+")):
+        if part == "plain":
+            continue
+        if part in ("fold", "xla"):
+            out[part] = True
+        elif part.startswith("r") and part[1:].isdigit() and int(part[1:]) >= 1:
+            out["round_to"] = int(part[1:])
+        else:
+            raise ValueError(f"--variants: {part!r} in {text!r} is not plain, fold, xla or rN (N >= 1)")
+    return out
+
+
+def _export(model, fold: bool, xla: bool):
+    """The model as it would be deployed under (fold, xla): its own copy, so each arm has its own step."""
+    import keras
+
+    from lottery.compaction import fold_batchnorm
+
+    if fold:
+        out = fold_batchnorm(model)
+    else:
+        out = keras.models.clone_model(model)
+        out.set_weights(model.get_weights())
+    out.compile(jit_compile=xla)   # predict_on_batch runs an XLA-compiled step when True
+    return out
+
+
+def measure(name: str, size: int, options: dict, ratios: list[float], variants: list[dict], batch: int,
+            seconds: float, repeats: int, clock: str = "wall") -> list[dict]:
     import keras
 
     from lottery.compaction import compact, inference_rate, model_cost
@@ -94,50 +139,67 @@ def measure(name: str, size: int, options: dict, ratios: list[float], batch: int
     from train.models import build_model
 
     keras.utils.set_random_seed(0)
-    dense = build_model(name, num_classes=10, input_size=size, **options)
-    dense_cost = model_cost(dense)
-    if xla:
-        dense.compile(jit_compile=True)  # predict_on_batch then runs an XLA-compiled step
+    base = build_model(name, num_classes=10, input_size=size, **options)
+    dense_cost = model_cost(base)
+    dense_kinds = flops_by_kind(base)
+    dense_arms = {(v["fold"], v["xla"]): None for v in variants}
+    for key in dense_arms:
+        dense_arms[key] = _export(base, *key)
     rows = []
     for ratio in ratios:
-        small = compact(dense, select_channels(dense, "l1", ratio, scope="layer"))
-        small_cost = model_cost(small)
-        if xla:
-            small.compile(jit_compile=True)
-        dense_rates, small_rates = [], []
-        for _ in tqdm(range(repeats), desc=f"{name} {ratio:.0%}", unit="repeat", leave=False, disable=None):
-            # Alternate, so a burst of load from other processes hits both alike.
-            dense_rates.append(inference_rate(dense, batch_size=batch, seconds=seconds))
-            small_rates.append(inference_rate(small, batch_size=batch, seconds=seconds))
-        d, s = float(np.median(dense_rates)), float(np.median(small_rates))
-        flop_ratio = dense_cost["flops"] / small_cost["flops"]
-        row = {
-            "model": name, "input": size, "options": options, "ratio": ratio, "criterion": "l1",
-            "scope": "layer", "batch": batch, "xla": xla,
-            "dense": dense_cost, "compact": small_cost,
-            "dense_flops_by_kind": flops_by_kind(dense), "compact_flops_by_kind": flops_by_kind(small),
-            "flop_ratio": flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
-            "dense_images_s": d, "compact_images_s": s, "dense_images_s_all": dense_rates,
-            "compact_images_s_all": small_rates, "speedup": s / d, "speedup_per_flop_ratio": s / d / flop_ratio,
-        }
-        if abs(ratio - TARGET_RATIO) < 1e-9:
-            row["target"] = TARGET
-            row["pass"] = row["speedup_per_flop_ratio"] >= TARGET
-        log.info("%s ratio %.1f: %.0f -> %.0f img/s (x%.2f), FLOPs /%.2f", name, ratio, d, s, s / d, flop_ratio)
-        rows.append(row)
+        compacts, arms = {}, {("dense",) + k: m for k, m in dense_arms.items()}
+        for v in variants:
+            r = v["round_to"]
+            if r not in compacts:
+                small = compact(base, select_channels(base, "l1", ratio, scope="layer", round_to=r))
+                compacts[r] = (small, model_cost(small), flops_by_kind(small))
+            key = ("compact", r, v["fold"], v["xla"])
+            if key not in arms:
+                arms[key] = _export(compacts[r][0], v["fold"], v["xla"])
+        keys = list(arms)
+        rates: dict[tuple, list[float]] = {k: [] for k in keys}
+        for rep in tqdm(range(repeats), desc=f"{name} {ratio:.0%}", unit="repeat", leave=False, disable=None):
+            # Interleaved, order rotated: a burst of load from other processes hits every arm alike.
+            for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
+                rates[k].append(inference_rate(arms[k], batch_size=batch, seconds=seconds, stat="median",
+                                               clock=clock))
+        for v in variants:
+            dk, ck = ("dense", v["fold"], v["xla"]), ("compact", v["round_to"], v["fold"], v["xla"])
+            d, c = float(np.median(rates[dk])), float(np.median(rates[ck]))
+            small_cost, small_kinds = compacts[v["round_to"]][1], compacts[v["round_to"]][2]
+            flop_ratio = dense_cost["flops"] / small_cost["flops"]
+            row = {
+                "model": name, "input": size, "options": options, "ratio": ratio, "criterion": "l1",
+                "scope": "layer", "batch": batch, "clock": clock, "variant": v["name"], "fold": v["fold"], "xla": v["xla"],
+                "round_to": v["round_to"], "dense": dense_cost, "compact": small_cost,
+                "dense_flops_by_kind": dense_kinds, "compact_flops_by_kind": small_kinds,
+                "flop_ratio": flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
+                "dense_images_s": d, "compact_images_s": c, "dense_images_s_all": rates[dk],
+                "compact_images_s_all": rates[ck], "speedup": c / d, "speedup_per_flop_ratio": c / d / flop_ratio,
+                # Median of the per-repeat ratios (each pair measured close in time): a check on the
+                # ratio of medians when the load drifts during the run.
+                "speedup_paired": float(np.median(np.divide(rates[ck], rates[dk]))),
+            }
+            if abs(ratio - TARGET_RATIO) < 1e-9:
+                row["target"] = TARGET
+                row["pass"] = row["speedup_per_flop_ratio"] >= TARGET
+            log.info("%s ratio %.1f %s: %.0f -> %.0f img/s (x%.2f), FLOPs /%.2f", name, ratio, v["name"], d, c,
+                     c / d, flop_ratio)
+            rows.append(row)
     return rows
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'model':<14}{'ratio':>6}{'params dense->compact':>24}{'MFLOPs':>10}{'FLOP x':>8}{'dense img/s':>13}"
-            f"{'compact img/s':>15}{'speed-up':>10}{'s-u/FLOP':>10}  target")
+    head = (f"{'model':<14}{'ratio':>6}{'variant':>15}{'params dense->compact':>24}{'MFLOPs':>10}{'FLOP x':>8}{'dense img/s':>13}"
+            f"{'compact img/s':>15}{'speed-up':>10}{'paired':>8}{'s-u/FLOP':>10}  target")
     lines = [head]
     for r in rows:
         verdict = "" if "pass" not in r else (f">= {r['target']} " + ("PASS" if r["pass"] else "FAIL"))
         params = f"{r['dense']['params']:,} -> {r['compact']['params']:,}"
-        lines.append(f"{r['model']:<14}{r['ratio']:>6.1f}{params:>24}"
+        lines.append(f"{r['model']:<14}{r['ratio']:>6.1f}{r['variant']:>15}{params:>24}"
                      f"{r['compact']['flops'] / 1e6:>10.1f}{r['flop_ratio']:>8.2f}{r['dense_images_s']:>13.0f}"
-                     f"{r['compact_images_s']:>15.0f}{r['speedup']:>10.2f}{r['speedup_per_flop_ratio']:>10.2f}  {verdict}")
+                     f"{r['compact_images_s']:>15.0f}{r['speedup']:>10.2f}{r.get('speedup_paired', float('nan')):>8.2f}"
+                     f"{r['speedup_per_flop_ratio']:>10.2f}  {verdict}")
     return "\n".join(lines)
 
 
@@ -151,13 +213,33 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing window per measurement")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--xla", action="store_true", help="XLA-compile both models' predict steps")
+    parser.add_argument("--variants", default="plain,fold,r16,fold+r16",
+                        help="comma-separated option sets, each '+'-joined from fold, xla, rN (or plain)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time (the real speed, needs a quiet machine); cpu: process CPU "
+                             "time, images per CPU-second (use with --threads 1 on a shared machine)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="TF intra-op threads for both arms (0: TF's default, one per core)")
     parser.add_argument("--explain", action="store_true",
                         help="also measure 3x3 conv multiply-adds/s by channel width (why speed-up < FLOP ratio)")
+    parser.add_argument("--note", default="", help="recorded in the JSON (e.g. whether the machine was quiet)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "compaction_speedup.json")
     args = parser.parse_args(argv)
     setup_logging()
-    ratios = [float(r) for r in args.ratios.split(",")]
+    try:
+        ratios = [float(r) for r in args.ratios.split(",")]
+        variants = [parse_variant(v) for v in args.variants.split(",")]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.threads < 0:
+        parser.error("--threads must be >= 0")
+    if args.threads:
+        import tensorflow as tf
+
+        # Must precede the first TF op. Inter-op 1 too: then one thread does all of a step's work,
+        # so --clock cpu counts that work and no idle pool thread's spinning.
+        tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
     cases = {"mobilenet_v2": (args.mobilenet_size, {"alpha": args.alpha}),
              "resnet20": (args.resnet_size, {}), "resnet44": (args.resnet_size, {}),
              "resnet56": (args.resnet_size, {})}
@@ -166,9 +248,10 @@ def main(argv=None) -> int:
         if name not in cases:
             parser.error(f"--models: {name!r} is not one of {sorted(cases)}")
         size, options = cases[name]
-        rows.extend(measure(name, size, options, ratios, args.batch, args.seconds, args.repeats, args.xla))
+        rows.extend(measure(name, size, options, ratios, variants, args.batch, args.seconds, args.repeats,
+                            args.clock))
     print(_table(rows))
-    efficiency = conv_efficiency(args.batch, min(args.seconds, 0.5)) if args.explain else []
+    efficiency = conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock) if args.explain else []
     if efficiency:
         print("\n3x3 conv stack, GMAC/s (conv only | conv+BN+ReLU)")
         print(f"{'size':>6}" + "".join(f"{'w=' + str(w):>16}" for w in sorted({e['width'] for e in efficiency})))
@@ -180,6 +263,7 @@ def main(argv=None) -> int:
         "conv_efficiency": efficiency,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "load_average": list(os.getloadavg()),
+                    "note": args.note,
                     "platform": platform.platform()},
         "cases": rows,
     })

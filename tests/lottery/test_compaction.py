@@ -8,9 +8,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from lottery.compaction import compact, inference_rate, model_cost  # noqa: E402
+from lottery.compaction import compact, fold_batchnorm, inference_rate, model_cost, model_flops  # noqa: E402
 from lottery.structured import apply_structured, select_channels  # noqa: E402
-from train.models import MODELS, build_model  # noqa: E402
+from train.models import BATCHNORM_MODELS, MODELS, build_model  # noqa: E402
 
 L = keras.layers
 
@@ -185,5 +185,91 @@ def test_inference_rate_is_measured():
     model = _model("lenet_300_100")
     rate = inference_rate(model, batch_size=8, seconds=0.2)
     assert np.isfinite(rate) and rate > 0
+    for stat in ("mean", "median"):
+        for clock in ("wall", "cpu"):
+            other = inference_rate(model, batch_size=8, seconds=0.1, stat=stat, clock=clock)
+            assert np.isfinite(other) and other > 0, (stat, clock)
+    with pytest.raises(ValueError, match="clock"):
+        inference_rate(model, clock="gpu")
     with pytest.raises(ValueError, match="batch_size"):
         inference_rate(model, batch_size=0)
+    with pytest.raises(ValueError, match="stat"):
+        inference_rate(model, stat="mode")
+
+
+# ------------------------------------------------------------------------------- BatchNorm folding
+def _batchnorms(model):
+    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(l, L.BatchNormalization)]
+
+
+def _assert_same_function(a, b, x):
+    pa, la = _outputs(a, x)
+    pb, lb = _outputs(b, x)
+    np.testing.assert_allclose(pb, pa, atol=1e-4)
+    np.testing.assert_allclose(lb, la, atol=1e-4 * max(1.0, float(np.abs(la).max())))
+
+
+@pytest.mark.parametrize("name", sorted(BATCHNORM_MODELS))
+def test_fold_batchnorm_keeps_the_function_of_dense_and_compacted_models(name, tmp_path):
+    model = _model(name)
+    assert _batchnorms(model)
+    x = _images(model, n=4, seed=3)
+    before = [w.copy() for w in model.get_weights()]
+    small = compact(model, select_channels(model, "l1", 0.5, round_to=8))
+    for original in (model, small):
+        folded = fold_batchnorm(original)
+        # Every BatchNorm of these models follows a convolution directly: all of them fold.
+        assert not _batchnorms(folded)
+        assert folded.count_params() < original.count_params()
+        _assert_same_function(original, folded, x)
+        assert model_flops(folded) == model_flops(original)   # biases are not counted
+    for b, a in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)                                   # the original is untouched
+    if name != "mobilenet_v2":   # saving is the same for every model: once, on the nested one
+        return
+    path = tmp_path / "folded.keras"
+    folded.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(np.asarray(loaded(x, training=False)), np.asarray(folded(x, training=False)),
+                               atol=1e-6)
+
+
+def test_fold_batchnorm_folds_only_what_it_safely_can():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3), name="x")
+    a = L.Conv2D(4, 3, padding="same", name="a")(inp)
+    a = L.BatchNormalization(name="a_bn")(a)                        # folds (conv with bias)
+    b = L.Conv2D(4, 1, activation="relu", name="b")(a)
+    b = L.BatchNormalization(name="b_bn")(b)                        # after an activation: stays
+    c = L.Conv2D(4, 1, use_bias=False, name="c")(b)
+    side = L.ReLU(name="side")(c)                                   # c's output used twice: c_bn stays
+    c = L.BatchNormalization(name="c_bn")(c)
+    y = L.Add(name="add")([c, side])
+    y = L.BatchNormalization(name="add_bn")(y)                      # after a merge: stays
+    d = L.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(y)
+    d = L.BatchNormalization(name="dw_bn", center=False)(d)         # folds (no beta)
+    out = L.Dense(3, name="logits")(L.GlobalAveragePooling2D(name="gap")(d))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(0)
+    for layer in _batchnorms(model):
+        n = layer.moving_mean.shape[0]
+        if layer.gamma is not None:
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n) * rng.choice([-1, 1], n))
+        if layer.beta is not None:
+            layer.beta.assign(rng.normal(0, 0.3, n))
+        layer.moving_mean.assign(rng.normal(0, 0.3, n))
+        layer.moving_variance.assign(rng.uniform(0.5, 2.0, n))
+    folded = fold_batchnorm(model)
+    assert sorted(l.name for l in _batchnorms(folded)) == ["add_bn", "b_bn", "c_bn"]
+    assert folded.get_layer("dw").use_bias and folded.get_layer("dw").bias is not None
+    assert not folded.get_layer("c").use_bias
+    x = rng.normal(size=(3, 6, 6, 3)).astype("float32")
+    np.testing.assert_allclose(np.asarray(folded(x, training=False)), np.asarray(model(x, training=False)),
+                               atol=1e-5)
+
+
+def test_fold_batchnorm_refuses_models_it_cannot_follow():
+    seq = keras.Sequential([keras.Input((4,)), L.Dense(3, name="h"), L.BatchNormalization(name="bn")])
+    with pytest.raises(ValueError, match="functional"):
+        fold_batchnorm(seq)

@@ -277,3 +277,72 @@ def test_apply_structured_refuses_masks_that_are_not_exact_channel_masks():
     with pytest.raises(ValueError, match="nope/kernel"):
         apply_structured(model, {"nope/kernel": np.ones(3, bool)})
     np.testing.assert_array_equal(before, model.get_layer("fc1").kernel.numpy())  # refused: untouched
+
+
+# ---------------------------------------------------------------------------------- round_to
+@pytest.mark.parametrize("width, kept, n, expected", [
+    (16, 8, 8, 8),      # already a multiple
+    (24, 12, 8, 16),    # halfway between 8 and 16: the larger (fewer pruned)
+    (24, 11, 8, 8),     # nearer 8
+    (20, 19, 8, 20),    # nearer the whole width than 16: left whole (never above the width)
+    (20, 10, 8, 8),
+    (64, 1, 16, 16),    # never zero: at least one block
+    (4, 2, 8, 4),       # narrower than one block: kept whole
+    (300, 150, 16, 144),
+    (37, 5, 1, 5),      # round_to 1: unchanged
+])
+def test_rounded_keep_rules(width, kept, n, expected):
+    from lottery.structured import rounded_keep
+
+    got = rounded_keep(width, kept, n)
+    assert got == expected
+    assert 1 <= got <= width and (got % n == 0 or got == width)
+
+
+def test_rounded_keep_refuses_bad_values():
+    from lottery.structured import rounded_keep
+
+    with pytest.raises(ValueError, match="round_to"):
+        rounded_keep(16, 8, 0)
+    with pytest.raises(ValueError, match="kept"):
+        rounded_keep(16, 0, 8)
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_round_to_keeps_multiples_and_records_it(scope):
+    model = build_model("resnet20", 10, 8, width=12)   # stage widths 12, 24, 48
+    plain = select_channels(model, "l1", 0.5, scope=scope)
+    rounded = select_channels(model, "l1", 0.5, scope=scope, round_to=8)
+    assert plain.meta["round_to"] == 1 and rounded.meta["round_to"] == 8
+    changed = 0
+    for p, r in zip(plain.meta["groups"], rounded.meta["groups"]):
+        assert p["id"] == r["id"]
+        if not r["prunable"]:
+            assert r["kept"] == r["width"]
+            continue
+        assert 1 <= r["kept"] <= r["width"]
+        assert r["kept"] % 8 == 0 or r["kept"] == r["width"]
+        changed += p["kept"] != r["kept"]
+    assert changed   # 6 of 12 channels is not a multiple of 8: rounding did something
+    # The rounded mask keeps the highest-scoring channels and the plain ones are a subset or superset.
+    for key in plain:
+        if key in rounded and key.endswith("_bn1/gamma"):
+            p, r = plain[key], rounded[key]
+            assert np.all(p <= r) or np.all(r <= p)
+    # The mask is an exact channel mask: it applies, and the group sizes show in the entries.
+    g = {x["id"]: x for x in rounded.meta["groups"]}
+    assert int(rounded["s1b1_bn1/gamma"].sum()) == g["s1b1_conv1"]["kept"]
+    apply_structured(build_model("resnet20", 10, 8, width=12), rounded)
+
+
+def test_round_to_one_is_the_default_and_bad_values_are_named():
+    model = build_model("lenet_300_100", 10, 4)
+    a, b = select_channels(model, "l2", 0.3), select_channels(model, "l2", 0.3, round_to=1)
+    assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a) and a.meta == b.meta
+    rounded = select_channels(model, "l2", 0.3, round_to=16)
+    kept = {g["id"]: g["kept"] for g in rounded.meta["groups"]}
+    assert kept["fc1"] == 208 and kept["fc2"] == 64    # 210 -> 208, 70 -> 64
+    assert int(rounded["fc1/bias"].sum()) == 208
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="round_to"):
+            select_channels(model, "l2", 0.3, round_to=bad)
