@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 _PLAN_FLAGS = {  # flag -> GridSettings field
     "sparsities": "sparsities", "quantiles": "quantiles", "scope": "scope", "rewind": "rewind",
     "controls": "controls", "imp_rounds": "imp_rounds", "imp_rate": "imp_rate",
-    "exclude": "exclude", "epochs": "epochs", "seed": "seed",
+    "exclude": "exclude", "epochs": "epochs", "seed": "seed", "channel_ratios": "channel_ratios",
+    "criterion": "criterion", "channel_scope": "channel_scope", "draw": "draw",
+    "early_bird": "early_bird",
 }
 
 
@@ -33,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan = sub.add_parser("plan", help="write a grid's settings, weight statistics, masks and tasks")
     plan.add_argument("--run", required=True, type=Path, help="finished dense run directory")
     plan.add_argument("--config", type=Path, help="JSON/YAML file of grid settings (flags override)")
+    plan.add_argument("--preset", metavar="NAME",
+                      help="start from a named preset's grid settings (bigticket.presets, e.g. "
+                           "early-bird-resnet20); --config and flags override it")
     thresholds = plan.add_mutually_exclusive_group()
     thresholds.add_argument("--sparsities", help="target sparsities, e.g. 0.5,0.7,0.9")
     thresholds.add_argument("--quantiles", help="magnitude quantiles used as thresholds")
@@ -44,6 +49,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--exclude", help="weight-name patterns never pruned (fnmatch), comma-separated")
     plan.add_argument("--epochs", type=int, help="retraining epochs (default: the dense run's)")
     plan.add_argument("--seed", type=int)
+    structured = plan.add_argument_group("structured pruning (channels removed, network compacted)")
+    structured.add_argument("--channel-ratios", dest="channel_ratios",
+                            help="fractions of the channels to remove, e.g. 0.3,0.5")
+    structured.add_argument("--criterion", choices=("l1", "l2", "fpgm", "bn"),
+                            help="channel importance (default bn: BatchNorm scale)")
+    structured.add_argument("--channel-scope", dest="channel_scope", choices=("global", "layer"),
+                            help="one threshold over all channels or per layer (default: global "
+                                 "for bn, layer otherwise)")
+    structured.add_argument("--draw", help="dense-run checkpoints to draw channel masks at, "
+                                           "e.g. 10ep,30ep")
+    structured.add_argument("--early-bird", dest="early_bird", action=argparse.BooleanOptionalAction,
+                            help="also draw at the dense run's Early-Bird ticket (--no-early-bird "
+                                 "turns a preset's off)")
 
     run = sub.add_parser("run", help="run the points of a grid that have no result yet")
     run.add_argument("--grid", required=True, type=Path)
@@ -77,7 +95,13 @@ def _plan(args) -> int:
     from lottery.grid import plan
     from lottery.settings import GridSettings
 
-    values = load_settings_file(args.config) if args.config else {}
+    values = {}
+    if args.preset:
+        from bigticket.presets import preset
+
+        values.update(preset(args.preset, "grid"))
+    if args.config:
+        values.update(load_settings_file(args.config))
     for flag, field in _PLAN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:

@@ -22,6 +22,14 @@ A task is one schedulable unit, a JSON object (all values JSON types):
     seed        int   per-task seed (random re-init, data order)
     cost        float estimated cost in epochs of training (rounds x epochs); larger runs first
 
+A structured task (kind "structured": channels pruned at `ratio`, the network compacted and
+retrained, see lottery.structured_point) has the same fields, with: mask_id = the channel mask
+drawn at the checkpoint `rewind` (a draw label such as 10ep, or "early_bird"), control "none",
+scope = the channel scope, threshold and sparsity None, plus
+    ratio       float fraction of the channels removed (lottery.structured.select_channels)
+    criterion   str   "l1", "l2", "fpgm" or "bn"
+    draw_epoch  float where the draw checkpoint sits in the dense run (epochs)
+
 Tasks are ordered longest first (cost descending), then earliest rewind first, so a dynamic
 scheduler that hands them out in order finishes the long ones early.
 """
@@ -39,7 +47,7 @@ import numpy as np
 from common.atomic import read_json, write_json
 from common.paths import DenseRunPaths, GridPaths, SUCCESS
 from common.settings import SCHEMA_VERSION, SettingsError, settings_hash, settings_to_dict
-from lottery.settings import GridSettings
+from lottery.settings import EARLY_BIRD, GridSettings
 
 log = logging.getLogger(__name__)
 
@@ -110,15 +118,70 @@ def read_run(run_dir: str | os.PathLike) -> RunInfo:
 
 
 def resolve_settings(settings: GridSettings, run: RunInfo) -> GridSettings:
-    """Fill the defaults that come from the dense run; check rewinds against its checkpoints."""
-    for label in settings.rewind:
-        if label not in run.saved_points:
-            raise SettingsError(
-                f"rewind: {label!r} is not a saved point of the dense run {run.paths.root} "
-                f"(saved: {', '.join(run.saved_points)})")
+    """Fill the defaults that come from the dense run; check rewinds and draw points against its
+    checkpoints (and its Early-Bird ticket, if the grid draws one)."""
+    for field, labels in (("rewind", settings.rewind), ("draw", settings.draw)):
+        for label in labels:
+            if label not in run.saved_points:
+                raise SettingsError(
+                    f"{field}: {label!r} is not a saved point of the dense run {run.paths.root} "
+                    f"(saved: {', '.join(run.saved_points)})")
+    if settings.early_bird:
+        early_bird_epoch(run)  # raises naming early_bird.json
     if settings.epochs is None:
         settings = dataclasses.replace(settings, epochs=run.epochs)
+    if settings.structured and settings.channel_scope is None:
+        settings = dataclasses.replace(settings, channel_scope=settings.resolved_channel_scope)
     return settings
+
+
+def early_bird_epoch(run: RunInfo) -> int:
+    """The epoch at which the dense run drew its Early-Bird ticket; SettingsError naming
+    early_bird.json when the run has none (not trained with --early-bird, or never drawn)."""
+    path = run.paths.early_bird
+    if not path.is_file():
+        raise SettingsError(f"early_bird: {path} does not exist: the dense run {run.paths.root} was "
+                            f"not trained with --early-bird")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as err:
+        raise SettingsError(f"early_bird: {path} is not readable ({err})") from None
+    if not isinstance(record, dict) or "drawn_epoch" not in record:
+        raise SettingsError(f"early_bird: {path}: field drawn_epoch is missing")
+    epoch = record["drawn_epoch"]
+    if epoch is None:
+        raise SettingsError(f"early_bird: {path}: no Early-Bird ticket was drawn (drawn_epoch is "
+                            f"null: the masks never settled within the run's epochs)")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= run.epochs:
+        raise SettingsError(f"early_bird: {path}: field drawn_epoch is {epoch!r}, expected an "
+                            f"epoch in 1..{run.epochs}")
+    checkpoint = run.paths.checkpoint(EARLY_BIRD)
+    if record.get("checkpoint") != EARLY_BIRD or not checkpoint.is_file():
+        raise SettingsError(f"early_bird: {path} names checkpoint {record.get('checkpoint')!r}, "
+                            f"but {checkpoint} is missing")
+    return epoch
+
+
+# Fields of a structured grid. A grid without channel ratios leaves them out of its identity, so
+# magnitude grids planned before these fields existed keep their directory name and settings.json.
+STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "early_bird")
+
+
+def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a grid directory is named by and records in settings.json."""
+    values = dict(settings) if isinstance(settings, Mapping) else settings_to_dict(settings)
+    if values.get("channel_ratios") is None:
+        for field in STRUCTURED_FIELDS:
+            values.pop(field, None)
+    return values
+
+
+def grid_hash(settings: GridSettings) -> str:
+    """settings_hash of the grid's identity (see grid_identity)."""
+    values = grid_identity(settings)
+    # settings_hash takes a dataclass; a plain one of the same name holding exactly the identity.
+    view = dataclasses.make_dataclass(type(settings).__name__, list(values))
+    return settings_hash(view(**values))
 
 
 def _fraction_tag(value: float) -> str:
@@ -128,6 +191,11 @@ def _fraction_tag(value: float) -> str:
 def mask_id(scope: str, kind: str, value: float) -> str:
     """e.g. global-s9000 (sparsity 0.9), layer-q5000 (quantile 0.5)."""
     return f"{scope}-{kind}{_fraction_tag(value)}"
+
+
+def channel_mask_id(criterion: str, scope: str, ratio: float, draw: str) -> str:
+    """e.g. channels-bn-global-c3000-10ep (30% of the channels, drawn at epoch 10)."""
+    return f"channels-{criterion}-{scope}-c{_fraction_tag(ratio)}-{draw}"
 
 
 def random_mask_id(base: str, seed: int) -> str:
@@ -175,7 +243,28 @@ def build_tasks(settings: GridSettings, positions: Mapping[str, float],
                 "imp_rate": settings.imp_rate, "seed": _derived_seed(settings.seed, task_id),
                 "cost": float(settings.epochs * settings.imp_rounds), **common,
             })
+    if settings.structured:
+        tasks += structured_tasks(settings, positions)
     tasks.sort(key=lambda t: (-t["cost"], positions[t["rewind"]], t["task_id"]))
+    return tasks
+
+
+def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One task per (draw point, channel ratio) of resolved settings."""
+    scope = settings.resolved_channel_scope
+    tasks = []
+    for draw in settings.draw_points:
+        for ratio in settings.channel_ratios or ():
+            mid = channel_mask_id(settings.criterion, scope, ratio, draw)
+            task_id = "structured-" + mid.removeprefix("channels-")
+            tasks.append({
+                "task_id": task_id, "kind": "structured", "mask_id": mid, "base_mask_id": None,
+                "rewind": draw, "control": "none", "scope": scope, "threshold": None,
+                "sparsity": None, "ratio": ratio, "criterion": settings.criterion,
+                "draw_epoch": float(positions[draw]), "exclude": list(settings.exclude),
+                "epochs": settings.epochs, "imp_rounds": 0, "imp_rate": 0.0,
+                "seed": _derived_seed(settings.seed, task_id), "cost": float(settings.epochs),
+            })
     return tasks
 
 
@@ -231,6 +320,44 @@ def _write_masks(grid: GridPaths, settings: GridSettings,
     return described
 
 
+def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
+                         positions: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """masks/<id>.npz: one structured mask per (draw point, channel ratio), drawn with
+    lottery.structured.select_channels on that checkpoint's weights; returns id -> description."""
+    from lottery import masks
+    from lottery.structured import select_channels
+    from train.checkpoints import load_checkpoint
+
+    scope = settings.resolved_channel_scope
+    described: dict[str, dict[str, Any]] = {}
+    for draw in settings.draw_points:
+        wanted = [(ratio, channel_mask_id(settings.criterion, scope, ratio, draw))
+                  for ratio in settings.channel_ratios or ()]
+        model = None
+        for ratio, mid in wanted:
+            path = grid.mask(mid)
+            if path.is_file():  # written by an earlier, interrupted plan: the same inputs
+                _mask, meta = masks.load_mask(path)
+            else:
+                if model is None:  # one load per checkpoint, and none when every mask exists
+                    model = load_checkpoint(run.paths.root, draw)
+                try:
+                    mask = select_channels(model, settings.criterion, ratio, scope=scope,
+                                           exclude=tuple(settings.exclude))
+                except ValueError as err:  # criterion bn without BatchNorm, an exclude typo
+                    field = "exclude" if "exclude" in str(err) else "criterion"
+                    raise SettingsError(f"{field}: checkpoint {draw} of {run.paths.root}: "
+                                        f"{err}") from None
+                # select_channels' own record (criterion, ratio, scope, groups) plus the draw.
+                meta = {**mask.meta, "mask_id": mid, "draw": draw,
+                        "draw_epoch": float(positions[draw])}
+                masks.save_mask(path, mask, meta)
+            described[mid] = {"file": str(path.relative_to(grid.root)),
+                              **{k: meta.get(k) for k in ("mask_id", "kind", "criterion", "ratio",
+                                                          "scope", "draw", "draw_epoch", "exclude")}}
+    return described
+
+
 def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
          weights: Mapping[str, np.ndarray] | None = None) -> GridPaths:
     """Write the grid directory of `settings` under the dense run `run_dir`; return its paths.
@@ -241,14 +368,17 @@ def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
 
     run = read_run(run_dir)
     resolved = resolve_settings(settings, run)
-    grid = GridPaths.under(run.paths, settings_hash(resolved))
+    grid = GridPaths.under(run.paths, grid_hash(resolved))
     if grid.settings.is_file():
         existing = read_json(grid.settings)
-        if existing.get("settings") != settings_to_dict(resolved):
+        if existing.get("settings") != grid_identity(resolved):
             raise SettingsError(f"{grid.settings}: holds other settings than these (hash collision?)")
         log.info("grid already planned: %s", grid.root)
         return grid
     grid.root.mkdir(parents=True, exist_ok=True)
+    positions = dict(run.positions)
+    if resolved.early_bird:
+        positions[EARLY_BIRD] = float(early_bird_epoch(run))
     if weights is None:
         weights = load_final_weights(run.paths)
     if not grid.stats.is_file():
@@ -256,12 +386,14 @@ def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
     described = _write_masks(grid, resolved, weights)
     sparsity = {k: float(v["sparsity"]["overall"] if isinstance(v["sparsity"], dict)
                          else v["sparsity"]) for k, v in described.items()}
-    tasks = build_tasks(resolved, run.positions, sparsity)
+    if resolved.structured:
+        described.update(_write_channel_masks(grid, resolved, run, positions))
+    tasks = build_tasks(resolved, positions, sparsity)
     write_json(grid.settings, {
         "schema_version": SCHEMA_VERSION, "kind": PLAN_KIND, "hash": grid.root.name.split("-", 1)[1],
-        "settings": settings_to_dict(resolved),
+        "settings": grid_identity(resolved),
         "run": {"epochs": run.epochs, "saved_points": list(run.saved_points),
-                "positions": dict(run.positions)},
+                "positions": positions},
         "masks": described, "tasks": tasks,
     })
     log.info("planned %d tasks in %s", len(tasks), grid.root)

@@ -160,9 +160,73 @@ def select_curves(rows: list[dict], rewinds: list[str]) -> list[str]:
     return list(dict.fromkeys(picked))[:MAX_CURVES]
 
 
+def accuracy_vs_channel_ratio(path: Path, rows: list[dict], dense: float | None) -> Path:
+    """Structured points: one colour per (criterion, draw point); accuracy after retraining solid,
+    the compacted network before retraining dashed."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    structured = [r for r in rows if r["kind"] == "structured" and r["ratio"] is not None]
+    series = sorted({(r["criterion"], r["rewind"]) for r in structured},
+                    key=lambda k: (k[0] or "", min(r["draw_epoch"] or 0.0 for r in structured
+                                                   if (r["criterion"], r["rewind"]) == k)))
+    for i, (criterion, draw) in enumerate(series):
+        mine = [r for r in structured if (r["criterion"], r["rewind"]) == (criterion, draw)]
+        for column, style, what in (("accuracy", "-", "retrained"),
+                                    ("accuracy_before", "--", "compacted")):
+            pts = sorted((r["ratio"], r[column]) for r in mine if r[column] is not None)
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, style, marker="o" if style == "-" else "x",
+                        color=colours[i % len(colours)], label=f"{criterion}, draw {draw}, {what}")
+    _dense_line(ax, dense)
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator(sorted({r["ratio"] for r in structured})))  # the grid's
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x * 100:g}%"))
+    ax.set_xlabel("channel ratio (fraction of channels removed)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Structured pruning: accuracy vs channel ratio")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def early_bird_heatmap(path: Path, epochs: list[int], distances, drawn_epoch: int | None) -> Path:
+    """Pairwise normalised Hamming distance between the epochs' BN channel masks (epoch x epoch),
+    as in You et al. 2020, Fig. 2; the epoch where the ticket was drawn is marked."""
+    plt = _pyplot()
+    n = len(epochs)
+    size = min(9.0, 4.0 + 0.05 * n)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    extent = (epochs[0] - 0.5, epochs[-1] + 0.5, epochs[-1] + 0.5, epochs[0] - 0.5)
+    image = ax.imshow(distances, cmap="viridis", vmin=0.0, extent=extent, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="mask distance (normalised Hamming)")
+    if drawn_epoch is not None:
+        ax.axvline(drawn_epoch, color="red", linewidth=1.2, linestyle="--")
+        ax.axhline(drawn_epoch, color="red", linewidth=1.2, linestyle="--",
+                   label=f"Early-Bird ticket drawn (epoch {drawn_epoch})")
+        ax.legend(fontsize=8, loc="lower left")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("epoch")
+    ax.set_title("Early-Bird: distance between the epochs' channel masks")
+    try:
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def write_plots(grid: GridPaths, records: list[dict], rows: list[dict], rewinds: list[str],
                 dense: float | None) -> list[Path]:
-    """Every plot the data allows; returns their paths."""
+    """Every plot the data allows (the Early-Bird heat map is lottery.report's, as it reads the
+    dense run); returns their paths."""
     out = []
     if any(r["kind"] == "oneshot" for r in rows):
         out.append(accuracy_vs_sparsity(grid.plots / "accuracy_vs_sparsity.png", rows, rewinds, dense))
@@ -171,4 +235,6 @@ def write_plots(grid: GridPaths, records: list[dict], rows: list[dict], rewinds:
         out.append(training_curves(grid.plots / "training_curves.png", records, pick))
     if any(r["task"].get("kind") == "imp" for r in records):
         out.append(imp_curve(grid.plots / "imp.png", records, rows, dense))
+    if any(r["kind"] == "structured" for r in rows):
+        out.append(accuracy_vs_channel_ratio(grid.plots / "accuracy_vs_channel_ratio.png", rows, dense))
     return out

@@ -1,7 +1,9 @@
 """Reports of a lottery grid: results tables, report.md, and the progress of a running grid.
 
-Reads only files (results/<task_id>.json, settings.json, claims/, the dense run's history.csv), so
-it runs on any machine that sees the grid directory, while the grid is still running too.
+Reads only files (results/<task_id>.json, settings.json, claims/, the dense run's history.csv and
+Early-Bird files), so it runs on any machine that sees the grid directory, while the grid is still
+running too. Magnitude points (one-shot, IMP) and structured points (channels pruned, network
+compacted, retrained) share results.csv/parquet; each kind has its own table in report.md.
 """
 from __future__ import annotations
 
@@ -24,7 +26,12 @@ log = logging.getLogger(__name__)
 COLUMNS = ("task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind",
            "threshold_value", "target_sparsity", "sparsity", "remaining_fraction", "accuracy",
            "best_accuracy", "loss", "epochs_to_best", "epochs", "imp_rounds", "imp_rate", "seed",
-           "wall_time", "host", "rank", "finished_at")
+           "wall_time", "host", "rank", "finished_at",
+           # structured points: compacted network vs the dense one at the draw checkpoint
+           "ratio", "criterion", "draw_epoch", "params", "params_dense", "flops", "flops_dense",
+           "file_bytes", "file_bytes_dense", "images_per_s", "images_per_s_dense", "speedup",
+           "draw_accuracy", "accuracy_before")
+STRUCTURED_COLUMNS = COLUMNS[COLUMNS.index("ratio"):]
 CONTROL_SHORT = {"random_reinit": "reinit", "random_mask": "rand-mask"}
 MAX_RESULT_BYTES = 64 << 20  # a result file is ours, but a corrupt giant one must not sink a report
 
@@ -77,6 +84,25 @@ def result_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "imp_rate": _number(task.get("imp_rate")), "seed": task.get("seed"),
         "wall_time": _number(record.get("wall_time")), "host": worker.get("host"),
         "rank": worker.get("rank"), "finished_at": _number(record.get("finished_at")),
+        **_structured_fields(task, result),
+    }
+
+
+def _integer(value: Any) -> int | None:
+    number = _number(value)
+    return None if number is None else int(number)
+
+
+def _structured_fields(task: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
+    if task.get("kind") != "structured":
+        return dict.fromkeys(STRUCTURED_COLUMNS)
+    return {
+        "ratio": _number(task.get("ratio")), "criterion": task.get("criterion"),
+        "draw_epoch": _number(result.get("draw_epoch", task.get("draw_epoch"))),
+        **{k: _integer(result.get(k)) for k in ("params", "params_dense", "flops", "flops_dense",
+                                                "file_bytes", "file_bytes_dense")},
+        **{k: _number(result.get(k)) for k in ("images_per_s", "images_per_s_dense", "speedup",
+                                               "draw_accuracy", "accuracy_before")},
     }
 
 
@@ -107,8 +133,10 @@ def dense_accuracy(grid: GridPaths) -> float | None:
 
 
 def rewind_order(plan: Mapping[str, Any], rows: list[dict]) -> list[str]:
+    """Rewind points of the magnitude points, in training order (the columns of their table)."""
     positions = (plan.get("run") or {}).get("positions") or {}
-    seen = list(dict.fromkeys(r["rewind"] for r in rows if r["rewind"] is not None))
+    seen = list(dict.fromkeys(r["rewind"] for r in rows
+                              if r["rewind"] is not None and r["kind"] != "structured"))
     return sorted(seen, key=lambda r: (positions.get(r, math.inf), seen.index(r)))
 
 
@@ -133,8 +161,11 @@ def _schema():
     import pyarrow as pa
 
     types = {"epochs_to_best": pa.int64(), "epochs": pa.int64(), "imp_rounds": pa.int64(),
-             "seed": pa.int64(), "rank": pa.int64()}
-    strings = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind", "host"}
+             "seed": pa.int64(), "rank": pa.int64(), "params": pa.int64(), "params_dense": pa.int64(),
+             "flops": pa.int64(), "flops_dense": pa.int64(), "file_bytes": pa.int64(),
+             "file_bytes_dense": pa.int64()}
+    strings = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind", "host",
+               "criterion"}
     return pa.schema([(c, pa.string() if c in strings else types.get(c, pa.float64())) for c in COLUMNS])
 
 
@@ -171,6 +202,91 @@ def accuracy_table(rows: list[dict[str, Any]], rewinds: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(value: int | None) -> str:
+    return "—" if value is None else f"{value:,}"
+
+
+def _pair(small: int | None, dense: int | None) -> str:
+    """'12,345 / 45,678 (27.0%)': compacted / dense and the fraction that remains."""
+    text = f"{_count(small)} / {_count(dense)}"
+    return text + (f" ({100.0 * small / dense:.1f}%)" if small is not None and dense else "")
+
+
+def structured_table(rows: list[dict[str, Any]], positions: Mapping[str, float] | None = None) -> str:
+    """Markdown: one row per structured point, by criterion, channel ratio, then draw epoch."""
+    structured = [r for r in rows if r["kind"] == "structured"]
+    if not structured:
+        return ""
+    positions = positions or {}
+
+    def key(r):
+        epoch = r["draw_epoch"] if r["draw_epoch"] is not None else positions.get(r["rewind"], math.inf)
+        return (r["criterion"] or "", r["ratio"] or 0.0, epoch, r["task_id"])
+
+    lines = ["| draw | ratio | criterion | params (compact / dense) | multiply-adds (compact / dense) "
+             "| images/s compact | images/s dense | speed-up | accuracy at draw | accuracy compacted "
+             "| accuracy retrained |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(structured, key=key):
+        draw = r["rewind"] + (f" (epoch {r['draw_epoch']:g})" if r["rewind"] == "early_bird"
+                              and r["draw_epoch"] is not None else "")
+        rate = lambda v: "—" if v is None else f"{v:,.0f}"
+        speed = "—" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        lines.append(f"| {draw} | {_fmt_ratio(r['ratio'])} | {r['criterion']} | "
+                     f"{_pair(r['params'], r['params_dense'])} | {_pair(r['flops'], r['flops_dense'])} | "
+                     f"{rate(r['images_per_s'])} | {rate(r['images_per_s_dense'])} | {speed} | "
+                     f"{_fmt(r['draw_accuracy'])} | {_fmt(r['accuracy_before'])} | {_fmt(r['accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+# -- Early-Bird --------------------------------------------------------------------------------
+def early_bird_info(run: DenseRunPaths) -> dict[str, Any] | None:
+    """The dense run's early_bird.json, or None when the run has none (or it is unreadable)."""
+    if not run.early_bird.is_file():
+        return None
+    try:
+        record = read_json(run.early_bird)
+        if not isinstance(record, dict) or not isinstance(record.get("epochs"), list):
+            raise ValueError("field epochs is missing")
+    except (OSError, ValueError) as err:
+        log.warning("%s: skipped (%s)", run.early_bird, err)
+        return None
+    return record
+
+
+def early_bird_masks(run: DenseRunPaths) -> tuple[list[int], list[Any]]:
+    """The per-epoch BN channel masks of early_bird_masks.npz, in epoch order ([] if none)."""
+    import zipfile
+
+    from lottery.early_bird import read_masks
+
+    if not run.early_bird_masks.is_file():
+        return [], []
+    try:
+        masks = read_masks(run.early_bird_masks)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        log.warning("%s: skipped (%s)", run.early_bird_masks, err)
+        return [], []
+    epochs = sorted(masks)
+    return epochs, [masks[e] for e in epochs]
+
+
+def early_bird_summary(info: Mapping[str, Any]) -> str:
+    drawn = info.get("drawn_epoch")
+    ran = len(info.get("epochs") or [])
+    settings = ", ".join(f"{k} {info[k]}" for k in ("ratio", "window", "threshold") if k in info)
+    if drawn is None:
+        return f"No Early-Bird ticket was drawn in the {ran} epochs of the dense run ({settings}).\n"
+    stopped = (f" Dense training stopped there: {ran} of {info['epochs_planned']} planned epochs run."
+               if info.get("stopped_early") and info.get("epochs_planned") else "")
+    return (f"Early-Bird ticket drawn at epoch {drawn} of {ran} epochs run ({settings}); the dense "
+            f"run's checkpoint `{info.get('checkpoint')}` holds it.{stopped}\n")
+
+
 def imp_table(records: list[dict[str, Any]]) -> str:
     chains = [r for r in records if r["task"].get("kind") == "imp"]
     if not chains:
@@ -193,24 +309,49 @@ def build_report(grid_dir: str | os.PathLike) -> dict[str, Any]:
     rows = [result_row(r) for r in records]
     rewinds = rewind_order(plan, rows)
     dense = dense_accuracy(grid)
+    positions = (plan.get("run") or {}).get("positions") or {}
     write_tables(grid, rows)
+    run = DenseRunPaths(grid.root.parent)
+    eb_info = early_bird_info(run)
+    eb_epochs, eb_masks = early_bird_masks(run) if eb_info is not None else ([], [])
     written_plots = plots.write_plots(grid, records, rows, rewinds, dense)
-    table = accuracy_table(rows, rewinds)
+    if len(eb_masks) >= 2:
+        from lottery.early_bird import distance_matrix
+
+        written_plots.append(plots.early_bird_heatmap(
+            grid.plots / "early_bird_distances.png", eb_epochs, distance_matrix(eb_masks),
+            eb_info.get("drawn_epoch")))
+    kinds = {t.get("kind", "oneshot") for t in plan["tasks"]}
+    table = accuracy_table(rows, rewinds) if kinds != {"structured"} else ""
+    structured = structured_table(rows, positions)
     total = len(plan["tasks"])
     parts = [f"# Lottery grid {grid.root.name}", "",
              f"Dense run: `{grid.root.parent.name}`; dense accuracy: {_fmt(dense)}; "
-             f"points finished: {len(rows)}/{total}.", "",
-             "## Accuracy after retraining (one-shot masks)", "",
-             "Rows: real sparsity of the mask; columns: rewind point; cells: accuracy, then the "
-             "controls (reinit = same mask, random init; rand-mask = random mask of the same "
-             "per-layer sparsity).", "", table]
+             f"points finished: {len(rows)}/{total}.", ""]
+    if table:
+        parts += ["## Accuracy after retraining (one-shot masks)", "",
+                  "Rows: real sparsity of the mask; columns: rewind point; cells: accuracy, then the "
+                  "controls (reinit = same mask, random init; rand-mask = random mask of the same "
+                  "per-layer sparsity).", "", table]
     imp = imp_table(records)
     if imp:
         parts += ["## Iterative magnitude pruning", "", imp]
+    if structured or "structured" in kinds:
+        parts += ["## Structured pruning (compacted networks)", "",
+                  "Channels pruned at the ratio by the criterion, drawn at a checkpoint of the dense "
+                  "run, the network physically compacted, then retrained with the dense run's "
+                  "recipe. Parameters and multiply-adds (batch 1) of the compacted network vs the "
+                  "dense one; images/s measured on this machine's CPU; speed-up = compact / dense "
+                  "images/s. Accuracy at the draw checkpoint (dense), of the compacted network "
+                  "before retraining, and after.", "",
+                  structured or "_no structured points finished yet_\n"]
+    if eb_info is not None:
+        parts += ["## Early-Bird ticket", "", early_bird_summary(eb_info)]
     if written_plots:
         parts += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in written_plots] + [""]
     write_text(grid.report, "\n".join(parts))
     return {"grid": grid.root, "rows": len(rows), "total": total, "table": table, "imp_table": imp,
+            "structured_table": structured, "early_bird": eb_info,
             "dense_accuracy": dense, "parquet": grid.results_parquet, "csv": grid.results_csv,
             "report": grid.report, "plots": written_plots}
 

@@ -23,9 +23,9 @@ def run(args) -> int:
         return 2
     dense = "unknown" if out["dense_accuracy"] is None else f"{out['dense_accuracy']:.4f}"
     print(f"{out['grid']}: {out['rows']}/{out['total']} points; dense accuracy {dense}\n")
-    print(out["table"])
-    if out["imp_table"]:
-        print(out["imp_table"])
+    for table in (out["table"], out["imp_table"], out["structured_table"]):
+        if table:
+            print(table)
     for path in (out["report"], out["csv"], out["parquet"], *out["plots"]):
         print(path)
     return 0

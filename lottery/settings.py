@@ -1,8 +1,12 @@
 """Settings of a lottery grid (`bigticket lottery plan`).
 
 What is checked here needs no dense run: ranges, names, exactly one kind of threshold. Whether the
-rewind points were saved by the dense run, and the default retraining epochs, are resolved by
-`lottery.grid.plan` against the run directory.
+rewind and draw points were saved by the dense run, whether it drew an Early-Bird ticket, the default
+retraining epochs and the default channel scope are resolved by `lottery.grid.plan` against the run
+directory.
+
+A grid holds magnitude points (sparsities or quantiles x rewind, IMP chains), structured points
+(channel_ratios x draw points: channel masks drawn from a checkpoint, compacted, retrained), or both.
 """
 from __future__ import annotations
 
@@ -15,6 +19,22 @@ from common.settings import settings_dataclass
 
 # 'init', 'final' or a late-reset label of the dense run ('3ep', '500it'): these become file names.
 _REWIND = re.compile(r"^(init|final|\d{1,9}(ep|it))$")
+
+
+EARLY_BIRD = "early_bird"  # checkpoint name of the dense run's Early-Bird ticket
+
+
+def _labels(value, what: str) -> tuple[str, ...]:
+    labels = []
+    for v in value:
+        label = str(v).strip().lower()
+        if not _REWIND.match(label):
+            raise ValueError(f"{v!r} is not a checkpoint of a dense run (init, final, or e.g. 3ep, "
+                             f"500it)")
+        labels.append(label)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"duplicate {what} in {list(value)}")
+    return tuple(labels)
 
 
 def _split(value):
@@ -36,18 +56,24 @@ class GridSettings:
     exclude: tuple[str, ...] = ()                    # weight-name patterns never pruned (fnmatch)
     epochs: Optional[int] = pydantic.Field(default=None, ge=1, le=100_000)  # None: dense run's
     seed: int = 0
+    # Structured (channel) pruning: fraction of channels removed; see lottery.structured.
+    channel_ratios: Optional[tuple[float, ...]] = None
+    criterion: Literal["l1", "l2", "fpgm", "bn"] = "bn"
+    channel_scope: Optional[Literal["layer", "global"]] = None  # None: global for bn, else layer
+    draw: tuple[str, ...] = ()                       # checkpoints the channel masks are drawn at
+    early_bird: bool = False                         # also draw at the run's Early-Bird ticket
 
-    @pydantic.field_validator("sparsities", "quantiles", mode="before")
+    @pydantic.field_validator("sparsities", "quantiles", "channel_ratios", mode="before")
     @classmethod
     def _split_floats(cls, value):
         return _split(value)
 
-    @pydantic.field_validator("rewind", "controls", "exclude", mode="before")
+    @pydantic.field_validator("rewind", "controls", "exclude", "draw", mode="before")
     @classmethod
     def _split_names(cls, value):
         return _split(value)
 
-    @pydantic.field_validator("sparsities", "quantiles")
+    @pydantic.field_validator("sparsities", "quantiles", "channel_ratios")
     @classmethod
     def _fractions(cls, value, info):
         if value is None:
@@ -69,15 +95,12 @@ class GridSettings:
     def _rewind_labels(cls, value):
         if not value:
             raise ValueError("give at least one rewind point")
-        labels = []
-        for v in value:
-            label = str(v).strip().lower()
-            if not _REWIND.match(label):
-                raise ValueError(f"{v!r} is not a rewind point (init, final, or e.g. 3ep, 500it)")
-            labels.append(label)
-        if len(set(labels)) != len(labels):
-            raise ValueError(f"duplicate rewind points in {list(value)}")
-        return tuple(labels)
+        return _labels(value, "rewind points")
+
+    @pydantic.field_validator("draw")
+    @classmethod
+    def _draw_labels(cls, value):
+        return _labels(value, "draw points")
 
     @pydantic.field_validator("controls")
     @classmethod
@@ -90,10 +113,39 @@ class GridSettings:
     def _one_threshold_kind(self):
         if self.sparsities is not None and self.quantiles is not None:
             raise ValueError("sparsities/quantiles: give exactly one of them, not both")
-        if self.sparsities is None and self.quantiles is None and self.imp_rounds == 0:
+        if (self.sparsities is None and self.quantiles is None and self.imp_rounds == 0
+                and self.channel_ratios is None):
             raise ValueError("sparsities/quantiles: give one of them (or imp_rounds > 0 for an "
-                             "IMP-only grid)")
+                             "IMP-only grid, or channel_ratios for a structured grid)")
         return self
+
+    @pydantic.model_validator(mode="after")
+    def _structured_complete(self):
+        # Half a structured grid is a mistake worth naming, never silently a magnitude-only grid.
+        if self.channel_ratios is not None and not self.draw and not self.early_bird:
+            raise ValueError("draw: channel_ratios need checkpoints to draw the channel masks from "
+                             "(draw, e.g. 10ep,30ep, and/or early_bird)")
+        if self.channel_ratios is None and (self.draw or self.early_bird):
+            raise ValueError("channel_ratios: draw/early_bird are set but no channel ratios to "
+                             "prune at (e.g. 0.3,0.5)")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.channel_ratios is not None
+
+    @property
+    def resolved_channel_scope(self) -> str:
+        """Network slimming thresholds all BN scales together; weight criteria compare filters
+        within a layer (their norms are not comparable across layers)."""
+        if self.channel_scope is not None:
+            return self.channel_scope
+        return "global" if self.criterion == "bn" else "layer"
+
+    @property
+    def draw_points(self) -> tuple[str, ...]:
+        """Checkpoint names the channel masks are drawn at, the Early-Bird ticket last."""
+        return self.draw + ((EARLY_BIRD,) if self.early_bird else ())
 
     @property
     def thresholds(self) -> tuple[tuple[str, float], ...]:

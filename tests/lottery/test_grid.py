@@ -8,8 +8,8 @@ import pytest
 
 from common.atomic import read_json, write_json
 from common.paths import DenseRunPaths, GridPaths
-from common.settings import SettingsError, make_settings, settings_hash
-from lottery.grid import build_tasks, load_plan, pending_tasks, plan
+from common.settings import SettingsError, make_settings
+from lottery.grid import build_tasks, grid_hash, load_plan, pending_tasks, plan
 from lottery.settings import GridSettings
 
 EPOCHS = 3
@@ -51,7 +51,7 @@ def test_plan_writes_the_grid_and_is_idempotent(dense_run):
                                             "imp_rounds": 2, "imp_rate": 0.5})
     grid = plan(dense_run.root, settings)
     resolved = dataclasses.replace(settings, epochs=EPOCHS)
-    assert grid.root == dense_run.root / f"lottery-{settings_hash(resolved)}"
+    assert grid.root == dense_run.root / f"lottery-{grid_hash(resolved)}"
     record = load_plan(grid.root)
     assert record["settings"]["epochs"] == EPOCHS   # the dense run's epochs by default
     stats = read_json(grid.stats)
@@ -130,6 +130,15 @@ def test_unfinished_dense_run_is_refused(tmp_path):
     ({"sparsities": [0.5], "controls": ["shuffle"]}, "controls"),
     ({"sparsities": [0.5], "imp_rate": 1.5}, "imp_rate"),
     ({"sparsities": [0.5], "colour": "red"}, "colour: unknown setting"),
+    ({"channel_ratios": [0.3]}, "draw: channel_ratios need checkpoints"),
+    ({"sparsities": [0.5], "draw": ["1ep"]}, "channel_ratios: draw/early_bird are set"),
+    ({"sparsities": [0.5], "early_bird": True}, "channel_ratios: draw/early_bird are set"),
+    ({"channel_ratios": [0.0], "draw": ["1ep"]}, "channel_ratios: 0.0 must lie strictly between 0 and 1"),
+    ({"channel_ratios": "0.5,1", "draw": ["1ep"]}, "channel_ratios: 1.0 must lie strictly between"),
+    ({"channel_ratios": [0.5], "draw": "1ep,ten"}, "draw: 'ten' is not a checkpoint"),
+    ({"channel_ratios": [0.5], "draw": "1ep,1EP"}, "draw: duplicate draw points"),
+    ({"channel_ratios": [0.5], "draw": ["1ep"], "criterion": "l3"}, "criterion"),
+    ({"channel_ratios": [0.5], "draw": ["1ep"], "channel_scope": "net"}, "channel_scope"),
 ])
 def test_bad_settings_name_the_field(values, field):
     with pytest.raises(SettingsError, match=field):
@@ -140,8 +149,36 @@ def test_imp_only_grid_and_pinned_hash():
     s = make_settings(GridSettings, {"imp_rounds": 3, "epochs": 2})
     tasks = build_tasks(s, {"init": 0.0}, {})
     assert [(t["kind"], t["imp_rounds"], t["cost"]) for t in tasks] == [("imp", 3, 6.0)]
-    # Pinned: a change here renames every existing grid directory.
-    assert settings_hash(make_settings(GridSettings, {"sparsities": [0.5, 0.9], "epochs": 3})) == "3bedd9a6"
+    # Pinned: a change here renames every existing grid directory. Magnitude grids keep the name
+    # they had before grids gained the structured fields.
+    magnitude = make_settings(GridSettings, {"sparsities": [0.5, 0.9], "epochs": 3})
+    assert grid_hash(magnitude) == "3bedd9a6"
+    structured = make_settings(GridSettings, {"channel_ratios": [0.3, 0.5], "draw": ["10ep"],
+                                              "early_bird": True, "channel_scope": "global", "epochs": 3})
+    assert grid_hash(structured) == "6ae67410"
+    # ... and every structured field is part of a structured grid's identity.
+    for change in ({"criterion": "l1"}, {"channel_scope": "layer"}, {"draw": ("30ep",)},
+                   {"early_bird": False}, {"channel_ratios": (0.3,)}):
+        assert grid_hash(dataclasses.replace(structured, **change)) != grid_hash(structured), change
+
+
+def test_structured_tasks_one_per_draw_and_ratio_beside_magnitude_tasks():
+    s = make_settings(GridSettings, {"sparsities": [0.5], "rewind": ["init"], "epochs": 2,
+                                     "channel_ratios": [0.5, 0.3], "criterion": "fpgm",
+                                     "draw": ["2ep", "1ep"], "early_bird": True, "exclude": ["logits"]})
+    positions = {"init": 0.0, "1ep": 1.0, "2ep": 2.0, "early_bird": 1.5}
+    tasks = build_tasks(s, positions, {"global-s5000": 0.5})
+    structured = [t for t in tasks if t["kind"] == "structured"]
+    assert len(tasks) == 1 + 3 * 2 and len(structured) == 6
+    # Same cost (epochs): earliest checkpoint first, the Early-Bird ticket by its epoch.
+    assert [t["rewind"] for t in tasks] == ["init", "1ep", "1ep", "early_bird", "early_bird", "2ep", "2ep"]
+    t = next(t for t in structured if t["rewind"] == "early_bird" and t["ratio"] == 0.3)
+    assert t["task_id"] == "structured-fpgm-layer-c3000-early_bird"
+    assert t["mask_id"] == "channels-fpgm-layer-c3000-early_bird"
+    assert (t["control"], t["criterion"], t["scope"], t["epochs"], t["cost"], t["draw_epoch"]) == (
+        "none", "fpgm", "layer", 2, 2.0, 1.5)
+    assert t["exclude"] == ["logits"]
+    assert len({x["seed"] for x in structured}) == 6
 
 
 def test_cli_plan_prints_the_grid_directory(dense_run, capsys):
@@ -162,3 +199,82 @@ def test_cli_stats_prints_the_quantile_table_of_the_final_weights(dense_run, cap
     out = capsys.readouterr().out
     assert f"prunable weights: {48 * 300 + 300 * 100 + 100 * 3:,}" in out
     assert "     99%" in out and "fc1/kernel" in out and "bias" not in out
+
+
+def test_structured_plan_draws_channel_masks_at_each_checkpoint(dense_run):
+    from lottery.masks import load_mask
+    from lottery.structured import select_channels
+    from train.checkpoints import load_checkpoint
+
+    settings = make_settings(GridSettings, {"sparsities": [0.5], "rewind": ["init"],
+                                            "channel_ratios": [0.25, 0.5], "criterion": "l1",
+                                            "draw": ["1ep", "6it"]})
+    grid = plan(dense_run.root, settings)
+    record = load_plan(grid.root)
+    assert record["settings"]["channel_scope"] == "layer"   # resolved: l1 compares within a layer
+    tasks = record["tasks"]
+    assert sorted(t["kind"] for t in tasks) == ["oneshot"] + ["structured"] * 4
+    for draw in ("1ep", "6it"):
+        model = load_checkpoint(dense_run.root, draw)
+        for ratio in (0.25, 0.5):
+            (task,) = [t for t in tasks if t["kind"] == "structured" and t["rewind"] == draw
+                       and t["ratio"] == ratio]
+            mask, meta = load_mask(grid.mask(task["mask_id"]))
+            want = select_channels(model, "l1", ratio, scope="layer")
+            assert sorted(mask) == sorted(want)
+            for name in want:
+                np.testing.assert_array_equal(mask[name], want[name], err_msg=name)
+            assert (meta["criterion"], meta["ratio"], meta["scope"], meta["draw"]) == ("l1", ratio, "layer", draw)
+            assert meta["pruned_channels"] == want.meta["pruned_channels"] > 0
+    # The two draw points really are different weights: at least one mask differs.
+    a = load_mask(grid.mask("channels-l1-layer-c5000-1ep"))[0]
+    b = load_mask(grid.mask("channels-l1-layer-c5000-6it"))[0]
+    assert any(not np.array_equal(a[n], b[n]) for n in a)
+    before = _files(grid.root)
+    assert plan(dense_run.root, settings) == grid
+    assert _files(grid.root) == before
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"draw": ["1ep", "7ep"]}, r"draw: '7ep' is not a saved point .*saved: 1ep, 6it, final, init"),
+    ({"draw": ["1ep"], "early_bird": True}, r"early_bird: .*early_bird.json does not exist: the dense "
+                                            r"run .* was not trained with --early-bird"),
+    ({"draw": ["1ep"], "criterion": "bn"}, r"criterion: checkpoint 1ep .*needs BatchNorm"),
+    ({"draw": ["1ep"], "exclude": ["nothing*"]}, r"exclude: checkpoint 1ep .*'nothing\*' matches no layer"),
+])
+def test_structured_plan_errors_name_the_cause(dense_run, values, message):
+    settings = make_settings(GridSettings, {"channel_ratios": [0.5], "criterion": "l2", **values})
+    with pytest.raises(SettingsError, match=message):
+        plan(dense_run.root, settings)
+
+
+def test_early_bird_without_a_drawn_ticket_is_named(dense_run, tmp_path):
+    import shutil
+
+    run = DenseRunPaths(tmp_path / dense_run.root.name)
+    shutil.copytree(dense_run.root, run.root)
+    settings = make_settings(GridSettings, {"channel_ratios": [0.5], "criterion": "l1", "early_bird": True})
+    write_json(run.early_bird, {"ratio": 0.5, "window": 5, "threshold": 0.1, "bn_layers": [],
+                                "epochs": [{"epoch": 1, "distance": None, "window_max": None}],
+                                "drawn_epoch": None, "checkpoint": None})
+    with pytest.raises(SettingsError, match=r"early_bird.json: no Early-Bird ticket was drawn"):
+        plan(run.root, settings)
+    write_json(run.early_bird, {**read_json(run.early_bird), "drawn_epoch": 2, "checkpoint": "early_bird"})
+    with pytest.raises(SettingsError, match=r"early_bird.json names checkpoint 'early_bird', but "
+                                            r".*early_bird.weights.h5 is missing"):
+        plan(run.root, settings)
+
+
+def test_cli_plan_structured_flags(dense_run, capsys):
+    from lottery.cli import main
+
+    assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5", "--criterion", "l1",
+                 "--draw", "1ep"]) == 0
+    grid = GridPaths(capsys.readouterr().out.strip().splitlines()[-1])
+    (task,) = load_plan(grid.root)["tasks"]
+    assert (task["kind"], task["rewind"], task["ratio"], task["criterion"]) == ("structured", "1ep", 0.5, "l1")
+    assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5,1.2", "--draw", "1ep"]) == 2
+    assert "channel_ratios: 1.2 must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5", "--criterion", "l1",
+                 "--early-bird"]) == 2
+    assert "early_bird.json does not exist" in capsys.readouterr().err

@@ -64,6 +64,10 @@ def test_tables_have_one_row_per_point(finished_grid):
         csv_rows = list(csv.DictReader(fh))
     assert [r["task_id"] for r in csv_rows] == [r["task_id"] for r in rows]
     assert out["dense_accuracy"] == pytest.approx(0.93)
+    # Magnitude points leave the structured columns empty (same schema for every grid).
+    assert all(row["params"] is None and row["speedup"] is None and row["criterion"] is None
+               for row in rows)
+    assert "## Structured pruning" not in out["report"].read_text() and out["structured_table"] == ""
 
 
 def test_report_table_rows_are_sparsities_and_columns_rewinds(finished_grid):
