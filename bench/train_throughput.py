@@ -16,10 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,16 +35,33 @@ log = logging.getLogger("bench.train_throughput")
 RESULTS = REPO / "bench" / "results" / "train_throughput.json"
 
 
-def _rate(ds, passes: int) -> tuple[float, int]:
-    """images/s over `passes` full iterations of a dataset (after one warm-up pass)."""
+def _median(values) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _pass(ds) -> tuple[float, float]:
+    """One full pass: (images/s, CPU microseconds per image). CPU time counts every thread of
+    this process, so it measures a pipeline's cost even when other users take the cores."""
     images = 0
-    for x, _ in ds:  # warm-up: fills caches, traces functions
-        pass
-    t0 = time.perf_counter()
-    for _ in range(passes):
-        for x, _ in ds:
-            images += int(x.shape[0])
-    return images / (time.perf_counter() - t0), images
+    wall, cpu = time.perf_counter(), time.process_time()
+    for x, _ in ds:
+        images += int(x.shape[0])
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return images / wall, 1e6 * cpu / max(images, 1)
+
+
+def _interleaved(arms: dict, repeats: int) -> dict[str, dict]:
+    """Steady-state passes of every arm, interleaved (a b c a b c ...) so that load from other
+    users hits all arms alike; one untimed pass each first (cache fill, tracing)."""
+    for ds in arms.values():
+        _pass(ds)
+    runs: dict[str, list] = {name: [] for name in arms}
+    for _ in tqdm(range(repeats), desc="(a) interleaved passes", unit="round"):
+        for name, ds in arms.items():
+            runs[name].append(_pass(ds))
+    return {name: {"images_per_s": _median([r[0] for r in rs]),
+                   "cpu_us_per_image": _median([r[1] for r in rs]),
+                   "images_per_s_runs": [r[0] for r in rs]} for name, rs in runs.items()}
 
 
 def _export_jpegs(info, folder: Path) -> int:
@@ -48,6 +69,7 @@ def _export_jpegs(info, folder: Path) -> int:
     from etl.tfrecord import decode_example, iter_records
 
     tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     count = 0
     for shard in info.shard_files("train", "tfrecord"):
         for i, record in enumerate(iter_records(shard.path)):
@@ -61,8 +83,13 @@ def _export_jpegs(info, folder: Path) -> int:
     return count
 
 
-def bench_pipeline(info, settings, work: Path, passes: int) -> dict:
-    """(a) our pipeline vs image_dataset_from_directory over the same JPEG files."""
+def bench_pipeline(info, settings, work: Path, repeats: int) -> dict:
+    """(a) our pipeline vs image_dataset_from_directory over the same JPEG files.
+
+    The fair pair does the same work per image: shuffle, decode, batch (the baseline also
+    resizes, to the size the images already have). Augmentation and evaluation order are extra
+    arms, for information.
+    """
     import keras
 
     from train.data import make_dataset
@@ -71,70 +98,107 @@ def bench_pipeline(info, settings, work: Path, passes: int) -> dict:
     if not folder.exists():
         log.info("wrote %d JPEG files under %s", _export_jpegs(info, folder), folder)
     size, batch = settings.input_size, settings.batch_size
-    ours = make_dataset(info, "train", batch_size=batch, training=True, input_size=size,
-                        fmt=settings.format, augment=settings.augment)
-    ours_eval = make_dataset(info, "train", batch_size=batch, training=False, input_size=size,
-                             fmt=settings.format)
-    theirs = keras.utils.image_dataset_from_directory(
-        str(folder), image_size=(size, size), batch_size=batch, shuffle=True, seed=0,
-        verbose=False)
-    ours_rate, n = _rate(ours, passes)
-    ours_eval_rate, _ = _rate(ours_eval, passes)
-    theirs_rate, m = _rate(theirs, passes)
-    return {"images": n, "ours_train_images_per_s": ours_rate,
-            "ours_eval_images_per_s": ours_eval_rate,
-            "image_dataset_from_directory_images_per_s": theirs_rate,
-            "speedup": ours_rate / theirs_rate, "target_speedup": 3.0,
-            "baseline_images": m}
+
+    def ours(**kw):
+        return make_dataset(info, "train", batch_size=batch, input_size=size, fmt=settings.format,
+                            **kw)
+
+    arms = {
+        "ours_train": ours(training=True, augment="none"),
+        "image_dataset_from_directory": keras.utils.image_dataset_from_directory(
+            str(folder), image_size=(size, size), batch_size=batch, shuffle=True, seed=0,
+            verbose=False),
+        "ours_train_crop_flip": ours(training=True, augment="crop_flip"),
+        "ours_eval": ours(training=False),
+    }
+    result = _interleaved(arms, repeats)
+    base = result["image_dataset_from_directory"]
+    ratios = [a / b for a, b in zip(result["ours_train"]["images_per_s_runs"],
+                                    base["images_per_s_runs"])]
+    return {"images": info.records["train"], "arms": result,
+            "speedup": _median(ratios),
+            "cpu_cost_ratio": base["cpu_us_per_image"] / result["ours_train"]["cpu_us_per_image"],
+            "target_speedup": 3.0}
 
 
-def bench_local(info, settings, epochs: int) -> dict:
-    """(b) local engine (pipeline + fit) vs model.fit on decoded in-memory arrays."""
+def bench_local(info, settings, repeats: int) -> dict:
+    """(b) local engine (pipeline + fit) vs model.fit on the same images decoded in memory.
+
+    Fair: the same model, optimizer, batch size and no augmentation in either arm; epochs
+    alternate between the arms so that other users' load hits both alike.
+    """
+    import dataclasses
+
     import numpy as np
 
     from train.data import make_dataset
     from train.local_engine import LocalEngine, compile_kwargs, model_builder, optimizer_builder
 
-    engine = LocalEngine(settings, info)
-    rates = [engine.train_epoch(e, settings.lr)["images_per_s"] for e in range(epochs)]
+    s = dataclasses.replace(settings, augment="none")
+    engine = LocalEngine(s, info)
     xs, ys = [], []
     for x, y in make_dataset(info, "train", batch_size=256, training=False,
-                             input_size=settings.input_size, fmt=settings.format):
+                             input_size=s.input_size, fmt=s.format):
         xs.append(x.numpy())
         ys.append(y.numpy())
     x, y = np.concatenate(xs), np.concatenate(ys)
-    model = model_builder(settings, info.num_classes)()
-    model.compile(optimizer=optimizer_builder(settings)(), **compile_kwargs())
-    plain = []
-    for _ in range(epochs):
+    model = model_builder(s, info.num_classes)()
+    model.compile(optimizer=optimizer_builder(s)(), **compile_kwargs())
+
+    def plain_epoch() -> float:
         t0 = time.perf_counter()
-        model.fit(x, y, batch_size=settings.batch_size, epochs=1, shuffle=True, verbose=0)
-        plain.append(len(x) / (time.perf_counter() - t0))
-    ours, base = max(rates[1:] or rates), max(plain[1:] or plain)  # steady state, not tracing
-    return {"local_images_per_s": ours, "plain_fit_images_per_s": base,
-            "pipeline_overhead": 1.0 - ours / base, "target_overhead": 0.10,
-            "local_epochs_images_per_s": rates, "plain_epochs_images_per_s": plain}
+        model.fit(x, y, batch_size=s.batch_size, epochs=1, shuffle=True, verbose=0)
+        return len(x) / (time.perf_counter() - t0)
+
+    local, plain = [], []
+    for epoch in tqdm(range(repeats + 1), desc="(b) alternating epochs", unit="epoch"):
+        local.append(engine.train_epoch(epoch, s.lr)["images_per_s"])
+        plain.append(plain_epoch())
+    local, plain = local[1:], plain[1:]  # the first epoch of each traces its functions
+    ratios = [a / b for a, b in zip(local, plain)]
+    return {"local_images_per_s": _median(local), "plain_fit_images_per_s": _median(plain),
+            # Per-epoch pairs (each local epoch against the plain epoch right after it) follow
+            # load changes; the ratio of the two medians is given too.
+            "pipeline_overhead": 1.0 - _median(ratios),
+            "pipeline_overhead_of_medians": 1.0 - _median(local) / _median(plain),
+            "target_overhead": 0.10,
+            "augment": s.augment, "local_epochs_images_per_s": local,
+            "plain_epochs_images_per_s": plain}
 
 
-def bench_elephas(info, settings, workers: int, epochs: int, master: str) -> dict:
-    """(c) elephas rounds: fixed cost per round and throughput vs local on the same cores."""
+def bench_elephas(info, settings, workers: int, rounds: int, master: str) -> dict:
+    """(c) elephas rounds: fixed cost per round (median, range, where it goes) and throughput."""
     import dataclasses
 
     from common.spark import get_spark
     from train.run import ElephasEngine
 
     spark = get_spark("bench-train-throughput", master)
-    s = dataclasses.replace(settings, engine="elephas", workers=workers)
+    s = dataclasses.replace(settings, engine="elephas", workers=workers, augment="none")
     engine = ElephasEngine(s, info, spark=spark)
+    epochs = []
     try:
-        per_epoch = [engine.train_epoch(e, s.lr) for e in range(epochs)]
+        for e in tqdm(range(rounds + 1), desc="(c) elephas rounds", unit="round"):
+            epochs.append(engine.train_epoch(e, s.lr))
+        history = list(engine.dp.round_history)
     finally:
         engine.close()
-    steady = per_epoch[1:] or per_epoch  # the first round builds the model on every worker
-    return {"workers": workers, "master": master,
-            "round_fixed_cost_s": min(m["round_fixed_cost_s"] for m in steady),
-            "first_round_fixed_cost_s": per_epoch[0]["round_fixed_cost_s"],
-            "elephas_images_per_s": max(m["images_per_s"] for m in steady),
+    steady = history[1:]  # the first round builds the model on every Python worker
+    fixed = [m["fixed_cost_s"] for m in steady]
+    parts = {}
+    for key in ("round_s", "train_s", "averaging_s", "driver_s", "spark_s"):
+        parts[key] = _median([m[key] for m in steady if key in m])
+    for key in ("setup_s", "output_s"):
+        parts["worker_" + key] = _median([max(w[key] for w in m["workers"]) for m in steady])
+    for key in ("model_s", "load_state_s", "data_s", "first_batch_s"):
+        parts["worker_" + key] = _median([max(w["phases"].get(key, 0.0) for w in m["workers"])
+                                          for m in steady])
+    return {"workers": workers, "master": master, "rounds": len(steady),
+            "round_fixed_cost_s": _median(fixed), "round_fixed_cost_range_s": [min(fixed), max(fixed)],
+            "first_round_fixed_cost_s": history[0]["fixed_cost_s"],
+            "model_builds_after_first_round": sum(m["model_builds"] for m in steady),
+            "fixed_cost_parts_s": parts,
+            "elephas_images_per_s": _median([m["images_per_s"] for m in epochs[1:]]),
             "target_fixed_cost_s": 2.0, "stock_elephas_fixed_cost_s": 13.0}
 
 
@@ -150,6 +214,31 @@ def _dataset(args, work: Path) -> Path:
     return out
 
 
+def _table(results: dict) -> list[tuple[str, str, str]]:
+    rows = []
+    if "a_pipeline" in results:
+        a = results["a_pipeline"]
+        arms = a["arms"]
+        rows += [(f"(a) {name}", f"{arm['images_per_s']:.0f} img/s",
+                  f"{arm['cpu_us_per_image']:.0f} CPU-us/img") for name, arm in arms.items()]
+        rows.append(("(a) ours_train / image_dataset_from_directory", f"{a['speedup']:.2f}x",
+                     f"CPU cost ratio {a['cpu_cost_ratio']:.2f}x (target >= 3x)"))
+    if "b_local_vs_fit" in results:
+        b = results["b_local_vs_fit"]
+        rows += [("(b) local engine", f"{b['local_images_per_s']:.0f} img/s", "no augmentation"),
+                 ("(b) model.fit on arrays", f"{b['plain_fit_images_per_s']:.0f} img/s",
+                  f"overhead {100 * b['pipeline_overhead']:.1f}% (target < 10%)")]
+    if "c_elephas" in results:
+        c = results["c_elephas"]
+        lo, hi = c["round_fixed_cost_range_s"]
+        rows += [(f"(c) elephas, {c['workers']} workers", f"{c['elephas_images_per_s']:.0f} img/s",
+                  f"fixed cost median {c['round_fixed_cost_s']:.2f} s/round, range {lo:.2f}-"
+                  f"{hi:.2f} (first {c['first_round_fixed_cost_s']:.2f} s; target < 2 s)")]
+        rows += [(f"(c)   {name}", f"{value:.3f} s", "median") for name, value in
+                 c["fixed_cost_parts_s"].items()]
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", help="dataset directory (default: digits at 32x32, prepared here)")
@@ -158,13 +247,16 @@ def main(argv=None) -> int:
     parser.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--format", choices=("tfrecord", "parquet"), default="tfrecord")
-    parser.add_argument("--passes", type=int, default=3, help="(a) timed passes over the data")
-    parser.add_argument("--epochs", type=int, default=3, help="(b), (c) epochs, first excluded")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="(a) interleaved passes per arm, (b) epochs per arm, (c) rounds; "
+                             "each after one untimed warm-up; medians are reported")
     parser.add_argument("--workers", type=int, default=2, help="(c) elephas workers")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--skip", action="append", default=[], choices=("a", "b", "c"))
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     setup_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -176,50 +268,39 @@ def main(argv=None) -> int:
 
     options = _model_options(args.model_option) or (
         {"alpha": 0.35} if args.model == "mobilenet_v2" else {})
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         info = open_dataset(_dataset(args, work))
         settings = resolve_settings(DenseSettings(
             data=str(info.root), model=args.model, model_options=options,
-            batch_size=args.batch_size, format=args.format, augment="crop", lr=0.01,
+            batch_size=args.batch_size, format=args.format, augment="none", lr=0.01,
             deterministic=False), info)
         configure_tensorflow(settings)
         results = {"dataset": str(info.root), "train_records": info.records["train"],
                    "model": args.model, "model_options": options, "batch_size": args.batch_size,
-                   "input_size": settings.input_size, "cpus": os.cpu_count()}
+                   "input_size": settings.input_size, "cpus": os.cpu_count(),
+                   "repeats": args.repeats}
         if "a" not in args.skip:
-            results["a_pipeline"] = bench_pipeline(info, settings, work, args.passes)
+            results["a_pipeline"] = bench_pipeline(info, settings, work, args.repeats)
         if "b" not in args.skip:
-            results["b_local_vs_fit"] = bench_local(info, settings, args.epochs)
+            results["b_local_vs_fit"] = bench_local(info, settings, args.repeats)
         if "c" not in args.skip:
-            results["c_elephas"] = bench_elephas(info, settings, args.workers, args.epochs,
+            results["c_elephas"] = bench_elephas(info, settings, args.workers, args.repeats,
                                                  args.master)
             if "b_local_vs_fit" in results:
                 results["c_elephas"]["local_images_per_s"] = \
                     results["b_local_vs_fit"]["local_images_per_s"]
+    # Other users' load (1-minute average) before and after: absolute rates mean little when
+    # it exceeds the core count; the ratios of interleaved arms still do.
+    results["load_average_1min"] = [load_before[0], os.getloadavg()[0]]
     write_json(args.out, results)
-    rows = []
-    if "a_pipeline" in results:
-        a = results["a_pipeline"]
-        rows += [("(a) tf.data pipeline, train", f"{a['ours_train_images_per_s']:.0f} img/s", ""),
-                 ("(a) tf.data pipeline, eval", f"{a['ours_eval_images_per_s']:.0f} img/s", ""),
-                 ("(a) image_dataset_from_directory",
-                  f"{a['image_dataset_from_directory_images_per_s']:.0f} img/s",
-                  f"speedup {a['speedup']:.1f}x (target >= 3x)")]
-    if "b_local_vs_fit" in results:
-        b = results["b_local_vs_fit"]
-        rows += [("(b) local engine", f"{b['local_images_per_s']:.0f} img/s", ""),
-                 ("(b) model.fit on arrays", f"{b['plain_fit_images_per_s']:.0f} img/s",
-                  f"overhead {100 * b['pipeline_overhead']:.1f}% (target < 10%)")]
-    if "c_elephas" in results:
-        c = results["c_elephas"]
-        rows += [(f"(c) elephas, {c['workers']} workers", f"{c['elephas_images_per_s']:.0f} img/s",
-                  f"fixed cost {c['round_fixed_cost_s']:.2f} s/round (first "
-                  f"{c['first_round_fixed_cost_s']:.2f} s; target < 2 s)")]
+    rows = _table(results)
     width = max(len(r[0]) for r in rows) if rows else 0
     for name, value, note in rows:
         print(f"{name:<{width}}  {value:>14}  {note}")
+    print(f"load average {results['load_average_1min']} on {os.cpu_count()} CPUs")
     print(f"results: {args.out}")
     return 0
 

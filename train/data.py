@@ -2,15 +2,15 @@
 
 Pipeline: shard files -> parallel interleave -> (record-level worker shard) -> encoded JPEG bytes
 + label -> cache() (encoded bytes only: decoded pixels would be ~50x larger) -> shuffle ->
-parallel decode + augment -> batch -> prefetch.
+batch (still encoded) -> per batch, in parallel: decode, vectorised augmentation -> prefetch.
 
 Pixels leave the pipeline as float32 in [0, 255]; normalisation lives inside the model
 (`train.models`), so checkpoints are self-contained.
 
 Determinism, which resumed runs rely on: the shuffle order and every augmentation draw of a fresh
-dataset's first pass derive from (seed, epoch, worker) only (seeded shuffle, a seeded stream of
-per-record draws feeding stateless random ops), so epoch e yields the same batches whether it
-runs after epoch e-1 in the same process or first in a resumed one.
+dataset's first pass derive from (seed, epoch, worker) only (seeded shuffle; stateless random ops
+seeded by (seed, epoch, worker) and the batch's number in the stream), so epoch e yields the same
+batches whether it runs after epoch e-1 in the same process or first in a resumed one.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ AUGMENTATIONS = ("none", "crop", "crop_flip")
 # Enough records for a useful shuffle without holding much: the buffer holds encoded JPEGs.
 DEFAULT_SHUFFLE_BUFFER = 10_000
 _SEED_MIX = 0x9E3779B1  # odd constant to spread (seed, epoch, worker) into distinct seeds
+# Decodes in flight within one batch; batches themselves are decoded in parallel (AUTOTUNE).
+_DECODE_PARALLEL = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,40 +208,106 @@ def _select_files(info: DatasetInfo, split: str, fmt: str | None,
 
 
 # ---------------------------------------------------------------------------------------------
-# decode and augment
+# decode and augment, a batch at a time
 
-def _decode(jpeg, input_size: int, stored_size: int | None):
-    """JPEG -> float32 [input_size, input_size, 3]. `stored_size` is the dataset's square side
-    (None: varying sizes); when it equals input_size, decoding is all there is to do."""
+def _decode_one(jpeg, input_size: int, stored_size: int | None):
+    """One JPEG -> uint8 [side, side, 3]: the stored square (resized later, per batch), or for
+    datasets of varying sizes (shorter:N) the centre square resized to float32 input_size."""
     import tensorflow as tf
 
     image = tf.io.decode_jpeg(jpeg, channels=3)
     if stored_size is None:
-        # Non-square images (shorter:N datasets): centre square first, so nothing is distorted.
+        # Non-square images: centre square first, so nothing is distorted.
         shape = tf.shape(image)
         side = tf.minimum(shape[0], shape[1])
         image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2,
                                               (shape[1] - side) // 2, side, side)
-    image = tf.cast(image, tf.float32)
-    if stored_size != input_size:
-        image = tf.image.resize(image, [input_size, input_size], method="bilinear")
-    return tf.ensure_shape(image, [input_size, input_size, 3])
+        image = tf.image.resize(tf.cast(image, tf.float32), [input_size, input_size],
+                                method="bilinear")
+        return tf.ensure_shape(image, [input_size, input_size, 3])
+    return tf.ensure_shape(image, [stored_size, stored_size, 3])
 
 
-def _augment(image, seed, input_size: int, augment: str):
+def _decode_batch(jpegs, input_size: int, stored_size: int | None):
+    """[n] JPEG strings -> [n, side, side, 3]: uint8 at the stored side, or float32 when a
+    resize to input_size was needed (varying stored sizes); see _to_input for the rest.
+
+    One tf.data function call per batch instead of per record: at small image sizes the
+    per-element dispatch cost as much as the decode itself (bench/train_throughput.py, part a).
+    """
+    import tensorflow as tf
+
+    side = input_size if stored_size is None else stored_size
+    dtype = tf.float32 if stored_size is None else tf.uint8
+    return tf.map_fn(lambda j: _decode_one(j, input_size, stored_size), jpegs,
+                     fn_output_signature=tf.TensorSpec([side, side, 3], dtype),
+                     parallel_iterations=_DECODE_PARALLEL)
+
+
+def _to_input(images, input_size: int):
+    """A decoded (and augmented) batch -> float32 [n, input_size, input_size, 3] in [0, 255].
+
+    Augmentation runs before this, on the decoded pixels: uint8 in the common case of shards
+    stored at the input size (a quarter of the bytes to move); when a fixed-size dataset is
+    resized here, the crop was taken at the stored size (the same 1/8 of the side)."""
+    import tensorflow as tf
+
+    images = tf.cast(images, tf.float32)
+    if images.shape[1] != input_size:
+        images = tf.image.resize(images, [input_size, input_size], method="bilinear")
+    return images
+
+
+def _reflect(coords, side: int):
+    """Index into the image of each coordinate of its reflect-padded version (|pad| < side)."""
+    import tensorflow as tf
+
+    return (side - 1) - tf.abs((side - 1) - tf.abs(coords))
+
+
+def _augment_batch(images, seed, augment: str):
     """Pad-and-random-crop (pad 1/8 of the side: 4 px at 32, as in the CIFAR ResNet recipe,
-    at least 1 px for tiny images) and an optional horizontal flip; stateless, seeded per record."""
+    at least 1 px for tiny images) and an optional horizontal flip, for a whole batch at once;
+    per-image offsets and flips are stateless draws from `seed` (shape [2]).
+
+    Padding (reflect), crop and flip are all index arithmetic feeding one gather: no padded
+    copy, no per-image ops (MirrorPad and a flip select cost more than the gather itself).
+    """
     import tensorflow as tf
 
     if augment == "none":
-        return image
-    pad = max(1, input_size // 8)
-    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    image = tf.image.stateless_random_crop(padded, [input_size, input_size, 3], seed=seed)
+        return images
+    side = images.shape[1]
+    pad = max(1, side // 8)
+    n = tf.shape(images, out_type=tf.int64)[0]
+    shifts = tf.random.stateless_uniform([n, 2], seed=seed, minval=0, maxval=2 * pad + 1,
+                                         dtype=tf.int64) - pad
+    grid = tf.range(side, dtype=tf.int64)[tf.newaxis, :]
+    rows = _reflect(shifts[:, :1] + grid, side)                          # [n, side]
+    cols = shifts[:, 1:] + grid
     if augment == "crop_flip":
-        flip_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-        image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return image
+        flip = tf.random.stateless_uniform(
+            [n], seed=tf.random.experimental.stateless_fold_in(seed, 1)) < 0.5
+        cols = tf.where(flip[:, tf.newaxis], tf.reverse(cols, axis=[1]), cols)
+    cols = _reflect(cols, side)
+    index = ((tf.range(n)[:, tf.newaxis, tf.newaxis] * side + rows[:, :, tf.newaxis]) * side
+             + cols[:, tf.newaxis, :])                                   # [n, side, side]
+    return tf.gather(tf.reshape(images, [-1, images.shape[-1]]), index)
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_transform(input_size: int, stored_size: int | None, augment: str):
+    """[n] JPEG strings, seed [2] -> float32 pixels: one traced function per (sizes, augment),
+    reused by every dataset built in this process (a new dataset per epoch or per Spark round
+    then calls it instead of tracing the decode loop again)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string), tf.TensorSpec([2], tf.int64)])
+    def transform(jpegs, seed):
+        images = _augment_batch(_decode_batch(jpegs, input_size, stored_size), seed, augment)
+        return _to_input(images, input_size)
+
+    return transform
 
 
 def epoch_seed(seed: int, epoch: int, worker_index: int = 0) -> int:
@@ -294,25 +362,24 @@ def make_dataset(info: DatasetInfo, split: str, *, batch_size: int, training: bo
         seed0 = epoch_seed(seed, epoch, worker_index)
         # Without repeat, every iterator of this dataset yields the same order and draws, fixed
         # by seed0 (Keras may open an iterator before the one it trains on, under a
-        # tf.distribute strategy). With repeat, each pass reshuffles and redraws, and the whole
-        # stream is fixed by seed0.
+        # tf.distribute strategy). With repeat, each pass reshuffles, and the whole stream is
+        # fixed by seed0. Augmentation draws are keyed by (seed0, batch number in the stream).
         ds = ds.shuffle(shuffle_buffer, seed=seed0, reshuffle_each_iteration=repeat)
-        draws = tf.data.Dataset.random(seed=seed0 ^ 0x5BD1E995, rerandomize_each_iteration=repeat)
-        ds = tf.data.Dataset.zip(ds, draws)
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.map(
-            lambda rec, draw: (_augment(_decode(rec[0], input_size, info.image_size),
-                                        tf.stack([tf.constant(seed0, tf.int64), draw]),
-                                        input_size, augment), rec[1]),
+    if repeat:
+        ds = ds.repeat()
+    # Batch the encoded bytes first, then decode and augment whole batches (vectorised).
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    to_pixels = _batch_transform(input_size, info.image_size, augment if training else "none")
+    if training:
+        ds = ds.enumerate().map(
+            lambda index, rec: (to_pixels(rec[0], tf.stack([tf.constant(seed0, tf.int64), index])),
+                                rec[1]),
             num_parallel_calls=AUTOTUNE, deterministic=True)
     else:
-        if repeat:
-            ds = ds.repeat()
-        ds = ds.map(lambda jpeg, label: (_decode(jpeg, input_size, info.image_size), label),
+        no_seed = tf.zeros([2], tf.int64)
+        ds = ds.map(lambda jpegs, labels: (to_pixels(jpegs, no_seed), labels),
                     num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
-                  deterministic=True).prefetch(AUTOTUNE)
+    ds = ds.prefetch(AUTOTUNE)
     options = tf.data.Options()
     options.deterministic = True
     # We shard ourselves (above); tf.distribute must not shard again.

@@ -38,9 +38,11 @@ Public API (stable; `train/run.py` and `bench/train_throughput.py` call it):
 - `metrics`: record-weighted means of the compiled metrics ("loss", ...), "records", "steps",
   "round_s" (driver wall time), "train_s" (slowest worker's time inside training steps),
   "fixed_cost_s" = round_s - train_s (scheduling, broadcast, set-up, collect, averaging),
-  "averaging_s", "model_builds" (models built this round), and "workers": one report per worker
-  (pid, builds of this model in that Python worker, built_now, setup_s, train_s, skipped_steps,
-  gpu_assigned, gpu_visible).
+  "averaging_s", "driver_s" (before the Spark job), "spark_s" (the job, collect included),
+  "model_builds" (models built this round), and "workers": one report per worker (pid, builds of
+  this model in that Python worker, built_now, setup_s, train_s, skipped_steps, gpu_assigned,
+  gpu_visible, and "phases": model_s, load_state_s, data_s, first_batch_s).
+  `engine.round_history` keeps the latest rounds' metrics.
 
 What we take from elephas 7.3 and what we changed (stock `SparkModel`/`SparkWorker`, synchronous):
 - kept: the synchronous scheme (broadcast parameters, `mapPartitions` one task per worker,
@@ -59,6 +61,12 @@ What we take from elephas 7.3 and what we changed (stock `SparkModel`/`SparkWork
   `spark.python.worker.reuse=true`); stock elephas rebuilds and recompiles it every epoch.
   Spark kills Python workers idle for more than a minute (hard-coded in PythonWorkerFactory), so
   a driver pause longer than that between rounds costs a rebuild; `metrics["model_builds"]` shows it.
+- a worker sets and reads all weights and optimizer variables in one TensorFlow call each
+  (`train.spark_worker.StateIO`) instead of one eager op per variable (Keras' set/get_weights).
+- K-step rounds keep each worker's data stream (the built tf.data pipeline and its position) in
+  the Python worker, keyed by what determines it; a stream another Python worker got ahead of
+  catches up by the missed steps. One-pass rounds build their pipeline per round (its shuffle
+  seed is the round's); the encoded-bytes cache and the traced decode function under it persist.
 - elephas' `weights_to_bytes` turns 0-d arrays (iterations, learning rate) into shape (1,);
   shapes are restored against the model (`restore_shapes`).
 - averaging every K steps as well as every pass (stock synchronous mode: one epoch per job).
@@ -164,6 +172,8 @@ def _int_arg(name: str, value, minimum: int, allow_none: bool = False) -> int | 
 class SparkDataParallel:
     """Synchronous data-parallel rounds over `workers` Spark tasks; see the module docstring."""
 
+    MAX_HISTORY = 1000
+
     def __init__(self, spark, model_factory: Callable[[], Any], optimizer_factory: Callable[[], Any],
                  compile_kwargs: dict | None, dataset_factory: Callable[..., Any], workers: int,
                  averaging_steps: int | None = None, gpus_per_task: int = 0, *,
@@ -200,6 +210,8 @@ class SparkDataParallel:
         self._spec_broadcast = self.sc.broadcast(blob)
         self._rdd = self.sc.parallelize(list(enumerate(self.shard_lists)), self.workers)
         self._fresh_optimizer_state: list[np.ndarray] | None = None
+        # Metrics of the latest rounds (no arrays), for benchmarks and diagnostics.
+        self.round_history: list[dict[str, Any]] = []
         self._has_schedule: bool | None = None
 
     def initial_state(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -251,12 +263,14 @@ class SparkDataParallel:
                           start_step=start, round_index=round_index, seed=data_seed, run_seed=seed,
                           n_weights=len(weights), gpus_per_task=self.gpus_per_task)
         state_bc = self.sc.broadcast(weights_to_bytes(base))
+        t_job = time.perf_counter()
         try:
             self.sc.setJobDescription(f"elephas round {round_index} ({self.workers} workers)")
             reports = self._rdd.mapPartitions(functools.partial(
                 run_task, self._spec_key, self._spec_broadcast, cfg, state_bc)).collect()
         finally:
             state_bc.destroy()
+        spark_s = time.perf_counter() - t_job
         reports.sort(key=lambda r: r["worker_index"])
         if [r["worker_index"] for r in reports] != list(range(self.workers)):
             raise RuntimeError(f"round {round_index}: got reports from workers "
@@ -277,6 +291,10 @@ class SparkDataParallel:
         round_s = time.perf_counter() - t_round
         train_s = max(r["train_s"] for r in reports)
         metrics.update({
+            # driver_s: serialising and broadcasting before the job; spark_s: the job itself
+            # (scheduling, tasks, collect), of which the slowest worker spent train_s in steps.
+            "driver_s": t_job - t_round,
+            "spark_s": spark_s,
             "records": total,
             "steps": max(r["steps"] for r in reports),
             "round_s": round_s,
@@ -286,6 +304,8 @@ class SparkDataParallel:
             "model_builds": sum(bool(r["built_now"]) for r in reports),
             "workers": reports,
         })
+        self.round_history.append({k: v for k, v in metrics.items()})
+        del self.round_history[:-self.MAX_HISTORY]
         log.info("round %d: %d records, %d steps, loss %.4g, %.2fs (fixed cost %.2fs)", round_index,
                  total, metrics["steps"], metrics.get("loss", float("nan")), round_s,
                  metrics["fixed_cost_s"])

@@ -7,10 +7,13 @@ modules may import Keras) and imports TensorFlow.
 
 Module-level caches live as long as the Python worker (`spark.python.worker.reuse=true`):
 - `_MODELS`: built + compiled model and optimizer per model key, so a round only sets weights;
-- `_STREAMS`: each worker's data iterator in K-step mode with its position, so the next round
-  continues where the last stopped instead of re-reading the head of the shards.
-A Spark task may land on any idle Python worker, so a stream cache miss is handled by rebuilding
-the stream and skipping to the requested position (deterministic, just slower; counted in metrics).
+- `_STREAMS`: each worker's data iterator in K-step mode with its position, keyed by what
+  determines the stream (dataset factory, worker index and count, shard files, seed), so the next
+  round continues where the last stopped instead of rebuilding the pipeline.
+A Spark task may land on any idle Python worker: a stream left behind by the rounds another
+Python worker served catches up by the steps it missed; a cache miss rebuilds the stream and
+skips to the requested position (deterministic, just slower; both counted in the report).
+One-pass ("epoch") rounds build their pipeline per round: its shuffle seed is the round's.
 """
 from __future__ import annotations
 
@@ -56,11 +59,53 @@ class RoundConfig:
     gpus_per_task: int = 0     # here, not in WorkerSpec: needed before the spec may be unpickled
 
 
+class StateIO:
+    """A compiled model's weights and optimizer variables, set or read in one TensorFlow call.
+
+    Per-variable eager assigns and reads (Keras' set_weights/get_weights) dispatch one op each:
+    a small MobileNetV2 with momentum has ~400 variables, and on a busy machine that was the
+    largest part of a round's set-up (bench/train_throughput.py, part c).
+    """
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.n_weights = len(model.weights)
+        variables = list(model.weights) + list(model.optimizer.variables)
+        self.shapes = [tuple(int(d) for d in v.shape) for v in variables]
+
+        @tf.function(autograph=False)
+        def assign(values):
+            for variable, value in zip(variables, values):
+                variable.assign(value)
+
+        @tf.function(autograph=False)
+        def read():
+            return [tf.identity(v.value) for v in variables]
+
+        self._assign, self._read = assign, read
+
+    def load(self, weights: Sequence, optimizer_state: Sequence) -> None:
+        if len(weights) != self.n_weights:
+            raise ValueError(f"weights: got {len(weights)} arrays, the model has {self.n_weights}")
+        if len(optimizer_state) != len(self.shapes) - self.n_weights:
+            raise ValueError(f"optimizer_state: got {len(optimizer_state)} arrays, the optimizer "
+                             f"has {len(self.shapes) - self.n_weights} variables")
+        values = (restore_shapes(weights, self.shapes[:self.n_weights], "weights")
+                  + restore_shapes(optimizer_state, self.shapes[self.n_weights:], "optimizer_state"))
+        self._assign(values)
+
+    def read(self) -> list:
+        """Weights then optimizer variables, as NumPy arrays."""
+        return [t.numpy() for t in self._read()]
+
+
 @dataclass
 class _CachedModel:
     model: Any
     builds: int = 1
     build_s: float = 0.0
+    io: StateIO | None = None   # made on first use, kept with the model
 
 
 @dataclass
@@ -214,35 +259,74 @@ def _batch_size(batch) -> int:
     return int(keras.tree.flatten(x)[0].shape[0])
 
 
+def seed_all(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)` without clearing TensorFlow's eager caches.
+
+    `tf.random.set_seed` also clears the eager context's caches, which drops every instantiated
+    tf.function: after it, the model's train step and the state I/O functions are instantiated
+    (and graph-optimised) again, ~2.5 s a round for a small MobileNetV2 on an idle core
+    (bench/train_throughput.py, part c). The seeds set are the same; what the clearing would
+    also reset, stateful random kernels cached in eager mode, is not used here: tf.data takes
+    its seeds when a dataset is built and Keras layers draw from their own SeedGenerator.
+    Private attributes of the pinned Keras 3 / TF 2.19; the engine tests compare against
+    `keras.utils.set_random_seed` and fail if the two ever diverge.
+    """
+    import random
+
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+    from tensorflow.python.eager import context
+
+    seed = int(seed)
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    random.seed(seed)
+    np.random.seed(seed)
+    ctx = context.context()
+    ctx._seed = seed                  # what context._set_global_seed sets, minus the cache clear
+    ctx._rng = random.Random(seed)
+
+
 def make_worker_dataset(spec: WorkerSpec, shard_files: Sequence[str], worker_index: int, seed: int):
     """Call the dataset factory with the global seed set to `seed`.
 
     tf.data ops with an op seed still mix in the global seed, which a reused Python worker would
     otherwise carry over from its last task; fixing it makes the stream a function of `seed` alone
-    (a single-process run reproduces it with `keras.utils.set_random_seed(seed)` first).
+    (a single-process run reproduces it with `keras.utils.set_random_seed(seed)` first; here
+    `seed_all`, the same seeds without dropping TensorFlow's caches).
     """
-    import keras
-
-    keras.utils.set_random_seed(seed)
+    seed_all(seed)
     # Keywords, so a functools.partial of train.data.make_dataset fits as it is.
     return spec.dataset_factory(shard_files=list(shard_files), worker_index=worker_index,
                                 num_workers=spec.num_workers, seed=seed)
 
 
 def _stream(spec: WorkerSpec, cfg: RoundConfig, worker_index: int,
-            shard_files: Sequence[str]) -> tuple[tuple, _Stream, int]:
-    """The K-step data stream of this worker at `cfg.start_step`; returns (key, stream, skipped)."""
+            shard_files: Sequence[str]) -> tuple[tuple, _Stream, int, bool]:
+    """The K-step data stream of this worker at `cfg.start_step`.
+
+    Keyed by what determines the stream: the dataset factory, the worker's place and shards, and
+    the seed; returns (key, stream, skipped steps, built now).
+    """
     key = (cfg.data_key, worker_index, spec.num_workers, tuple(shard_files), cfg.seed)
     # Taken out of the cache while in use: a task that fails midway leaves no stale position.
     stream = _STREAMS.pop(key, None)
-    if stream is not None and stream.position == cfg.start_step:
-        return key, stream, 0
+    if stream is not None and stream.position <= cfg.start_step:
+        # Behind (another Python worker served the rounds in between): catch up by the gap,
+        # which costs at most the rounds missed, not the whole run so far.
+        gap = cfg.start_step - stream.position
+        for _ in range(gap):
+            next(stream.iterator)
+        stream.position = cfg.start_step
+        return key, stream, gap, False
     dataset = make_worker_dataset(spec, shard_files, worker_index, cfg.seed)
     # repeat(): a round may cross the end of the worker's shards; each pass reshuffles by seed.
     dataset = dataset.repeat()
     if cfg.start_step:
         dataset = dataset.skip(cfg.start_step)
-    return key, _Stream(iter(dataset), cfg.start_step), cfg.start_step
+    return key, _Stream(iter(dataset), cfg.start_step), cfg.start_step, True
 
 
 def _remember_stream(key: tuple, stream: _Stream) -> None:
@@ -254,32 +338,44 @@ def _remember_stream(key: tuple, stream: _Stream) -> None:
 def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: int,
                  shard_files: Sequence[str], task_start: float, gpu: tuple) -> dict:
     """Train one worker's share of a round; returns its arrays (as bytes) and its report."""
-    import keras
     from elephas.utils.serialization import weights_to_bytes
 
+    phases = {}  # where a round's fixed cost goes, per worker (bench/train_throughput.py, part c)
+    t0 = time.perf_counter()
     cached, built_now = _cached_model(cfg.model_key, spec)
     model = cached.model
+    t1 = time.perf_counter()
     weights, optimizer_state = state[:cfg.n_weights], state[cfg.n_weights:]
-    load_state(model, weights, optimizer_state)
+    if cached.io is None:
+        cached.io = StateIO(model)
+    cached.io.load(weights, optimizer_state)
     set_learning_rate(model.optimizer, cfg.lr)
+    t2 = time.perf_counter()
+    phases["model_s"], phases["load_state_s"] = t1 - t0, t2 - t1
 
-    skipped, stream_key, stream = 0, None, None
+    skipped, stream_key, stream, pipeline_built = 0, None, None, True
     if cfg.steps is None:
+        # One-pass rounds: the pipeline is determined by the round's own shuffle seed, so it is
+        # built per round (the encoded-bytes cache under it is kept: train.data._encoded).
         iterator: Iterable = iter(make_worker_dataset(spec, shard_files, worker_index, cfg.seed))
     else:
-        stream_key, stream, skipped = _stream(spec, cfg, worker_index, shard_files)
+        stream_key, stream, skipped, pipeline_built = _stream(spec, cfg, worker_index, shard_files)
         iterator = stream.iterator
     # Deterministic per (seed, round, worker): TF random ops during the steps (augmentation, ...).
-    keras.utils.set_random_seed(round_seed(cfg.run_seed, cfg.round_index, worker_index))
+    seed_all(round_seed(cfg.run_seed, cfg.round_index, worker_index))
+    phases["data_s"] = time.perf_counter() - t2
 
     setup_s = time.perf_counter() - task_start
     records, steps, sums = 0, 0, {}
     t_train = time.perf_counter()
     while cfg.steps is None or steps < cfg.steps:
+        t_batch = time.perf_counter()
         try:
             batch = next(iterator)
         except StopIteration:
             break
+        if steps == 0:
+            phases["first_batch_s"] = time.perf_counter() - t_batch
         n = _batch_size(batch)
         # train_on_batch: the compiled train step and nothing else (no callbacks, no progbar).
         logs = model.train_on_batch(*batch, return_dict=True) if isinstance(batch, tuple) \
@@ -294,7 +390,7 @@ def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: 
         _remember_stream(stream_key, stream)
 
     t_out = time.perf_counter()
-    payload = weights_to_bytes(model.get_weights() + [v.numpy() for v in model.optimizer.variables])
+    payload = weights_to_bytes(cached.io.read())
     return {
         "worker_index": worker_index,
         "state": payload,
@@ -308,7 +404,9 @@ def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: 
         "setup_s": setup_s,
         "train_s": train_s,
         "output_s": time.perf_counter() - t_out,
+        "phases": phases,
         "skipped_steps": skipped,
+        "pipeline_built": pipeline_built,
         "gpu_assigned": gpu[0],
         "gpu_visible": gpu[1],
     }

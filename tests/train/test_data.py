@@ -118,3 +118,24 @@ def test_refuses_unfinished_or_damaged_datasets(digits_copy):
     (digits_copy / "_SUCCESS").unlink()
     with pytest.raises(DatasetError, match="_SUCCESS: missing"):
         open_dataset(digits_copy)
+
+
+def test_augmentation_crops_and_flips_each_image_of_a_batch_on_its_own(digits):
+    """Vectorised augmentation: every image is a window of its own reflect-padded original,
+    at its own offset, flipped or not on its own."""
+    kwargs = dict(batch_size=48, training=True, input_size=16, seed=3, epoch=1)
+    plain_x, plain_y = next(iter(make_dataset(digits, "train", augment="none", **kwargs)))
+    aug_x, aug_y = next(iter(make_dataset(digits, "train", augment="crop_flip", **kwargs)))
+    np.testing.assert_array_equal(plain_y.numpy(), aug_y.numpy())  # same records, same order
+    pad = 2  # 16 // 8
+    draws = []
+    for original, augmented in zip(plain_x.numpy(), aug_x.numpy()):
+        padded = np.pad(original, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+        found = [(dy, dx, flip) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                 for flip in (False, True)
+                 if np.array_equal((lambda w: w[:, ::-1] if flip else w)(
+                     padded[dy:dy + 16, dx:dx + 16]), augmented)]
+        assert found, "an augmented image is not a (flipped) crop of its own padded original"
+        draws.append(found[0])
+    assert len({d[:2] for d in draws}) > 3          # offsets differ between images
+    assert {d[2] for d in draws} == {False, True}   # some flipped, some not

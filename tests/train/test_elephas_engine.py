@@ -321,3 +321,105 @@ def test_gpu_spark_conf_points_at_the_discovery_script():
     assert Path(conf["spark.executor.resource.gpu.discoveryScript"]) == DISCOVERY_SCRIPT
     with pytest.raises(ValueError):
         gpu_spark_conf(gpus_per_executor=0)
+
+
+def test_workers_reuse_their_stream_across_rounds_and_rebuild_when_its_key_changes(spark, shards):
+    engine = _engine(spark, [[shards["a"]]], 1, averaging_steps=2,
+                     model_key=f"stream-reuse-{uuid.uuid4().hex}")
+    weights, opt = engine.initial_state()
+    built_by_pid: dict[int, list[bool]] = {}
+    states = [(weights, opt)]
+    for r in range(4):
+        result = engine.run_round(*states[-1], lr=0.05, steps=None, round_index=r, seed=4)
+        report = result.metrics["workers"][0]
+        built_by_pid.setdefault(report["pid"], []).append(report["pipeline_built"])
+        states.append((result.weights, result.optimizer_state))
+    # Each Python worker built the stream the first time it served this worker, then reused it
+    # (catching up if another Python worker served the rounds in between).
+    assert all(built[0] and not any(built[1:]) for built in built_by_pid.values())
+    assert sum(b for built in built_by_pid.values() for b in built) == len(built_by_pid) < 4
+
+    # Equal to a fresh build: a new factory object (so nothing cached) starting at round 3.
+    fresh = SparkDataParallel(spark, tiny_model, momentum_sgd, COMPILE,
+                              functools.partial(tfrecord_dataset), 1, averaging_steps=2,
+                              shards=[[shards["a"]]])
+    again = fresh.run_round(*states[3], lr=0.05, steps=None, round_index=3, seed=4)
+    assert again.metrics["workers"][0]["pipeline_built"]
+    _close(again.weights, states[4][0], atol=1e-6)
+    fresh.close()
+
+    # What determines the stream changed (the seed): rebuilt, not reused.
+    other = engine.run_round(*states[4], lr=0.05, steps=None, round_index=4, seed=40)
+    assert other.metrics["workers"][0]["pipeline_built"]
+    engine.close()
+
+
+def test_a_stream_behind_the_requested_step_catches_up_by_the_gap(tmp_path):
+    """A cached stream another Python worker fell behind on is advanced, not rebuilt: the same
+    batches as a stream built fresh at that step."""
+    from train.spark_worker import RoundConfig, WorkerSpec, _remember_stream, _stream
+
+    shard = _write_shard(tmp_path / "c.tfrecord", 64, np.random.default_rng(1))
+    spec = WorkerSpec(tiny_model, momentum_sgd, COMPILE, tfrecord_dataset, 1)
+    data_key = f"catch-up-{uuid.uuid4().hex}"
+
+    def cfg(start, key=data_key):
+        return RoundConfig(model_key="unused", data_key=key, lr=None, steps=2, start_step=start,
+                           round_index=0, seed=6, run_seed=6, n_weights=0)
+
+    key, stream, skipped, built = _stream(spec, cfg(0), 0, [shard])
+    assert built and skipped == 0
+    next(stream.iterator), next(stream.iterator)
+    stream.position = 2
+    _remember_stream(key, stream)
+    _, behind, skipped, built = _stream(spec, cfg(5), 0, [shard])
+    assert not built and skipped == 3 and behind.position == 5
+
+    _, fresh, skipped, built = _stream(spec, cfg(5, key=data_key + "-fresh"), 0, [shard])
+    assert built and skipped == 5
+    for _ in range(3):  # 4 batches a pass: this crosses into the next, reshuffled pass
+        np.testing.assert_array_equal(next(behind.iterator)[0].numpy(),
+                                      next(fresh.iterator)[0].numpy())
+
+
+def test_state_io_sets_and_reads_every_weight_and_optimizer_variable_at_once():
+    from train.spark_worker import StateIO, WorkerSpec, build_compiled
+
+    model = build_compiled(WorkerSpec(tiny_model, momentum_sgd, COMPILE, tfrecord_dataset, 1))
+    io = StateIO(model)
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=w.shape).astype(w.dtype) for w in model.get_weights()]
+    # elephas' wire format turns 0-d arrays (iterations, learning rate) into shape (1,)
+    opt = [np.reshape(np.asarray(v.numpy()) + 7, (1,) if not v.shape else v.shape)
+           for v in model.optimizer.variables]
+    io.load(weights, opt)
+    _close(model.get_weights(), weights, atol=0)
+    assert int(model.optimizer.iterations.numpy()) == 7
+    back = io.read()
+    assert len(back) == len(weights) + len(opt)
+    _close(back[:len(weights)], weights, atol=0)
+    assert back[len(weights)].shape == () and int(back[len(weights)]) == 7
+    with pytest.raises(ValueError, match="weights: got"):
+        io.load(weights[:-1], opt)
+    with pytest.raises(ValueError, match=r"optimizer_state\[2\]: expected shape"):
+        io.load(weights, opt[:2] + [np.zeros(3, np.float32)] + opt[3:])
+
+
+def test_seed_all_seeds_like_keras_set_random_seed():
+    """Workers seed with seed_all (which keeps TensorFlow's compiled functions): the same
+    shuffles, NumPy and Python draws as keras.utils.set_random_seed."""
+    import random
+
+    import keras
+    import tensorflow as tf
+
+    from train.spark_worker import seed_all
+
+    def draws(seeder, seed):
+        seeder(seed)
+        order = [int(v) for v in tf.data.Dataset.range(50).shuffle(50, seed=3)]
+        unseeded = [int(v) for v in tf.data.Dataset.range(50).shuffle(50)]  # global seed only
+        return order, unseeded, np.random.rand(3).tolist(), random.random()
+
+    assert draws(seed_all, 12) == draws(keras.utils.set_random_seed, 12)
+    assert draws(seed_all, 12) != draws(seed_all, 13)
