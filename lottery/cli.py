@@ -18,7 +18,7 @@ _PLAN_FLAGS = {  # flag -> GridSettings field
     "controls": "controls", "imp_rounds": "imp_rounds", "imp_rate": "imp_rate",
     "exclude": "exclude", "epochs": "epochs", "seed": "seed", "channel_ratios": "channel_ratios",
     "criterion": "criterion", "channel_scope": "channel_scope", "draw": "draw",
-    "early_bird": "early_bird",
+    "early_bird": "early_bird", "channel_round_to": "channel_round_to",
 }
 
 
@@ -57,6 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     structured.add_argument("--channel-scope", dest="channel_scope", choices=("global", "layer"),
                             help="one threshold over all channels or per layer (default: global "
                                  "for bn, layer otherwise)")
+    structured.add_argument("--channel-round-to", dest="channel_round_to", type=int,
+                            help="keep a multiple of N channels per layer (e.g. 16; default 1)")
     structured.add_argument("--draw", help="dense-run checkpoints to draw channel masks at, "
                                            "e.g. 10ep,30ep")
     structured.add_argument("--early-bird", dest="early_bird", action=argparse.BooleanOptionalAction,
@@ -79,6 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="a claim without heartbeat for this long belongs to a dead worker")
     run.add_argument("--silence-timeout", type=_positive, default=30.0,
                      help="MPI: abort when a busy rank (or rank 0) is silent this long")
+
+    from lottery import vae_cli
+
+    vae = sub.add_parser("vae-study", help="VAE neuron-pruning study: l1/l2/fpgm x ratios, loss "
+                                           "split before/after pruning and fine-tuning")
+    vae_cli.add_arguments(vae)
 
     stats = sub.add_parser("stats", help="magnitude quantiles of a dense run's final weights")
     stats.add_argument("--run", required=True, type=Path)
@@ -120,12 +128,19 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from lottery.scheduler import run_grid
+    from lottery.scheduler import GridPreempted, run_grid
 
-    summary = run_grid(args.grid, executor=args.executor, array_index=args.array_index,
-                       array_count=args.array_count, strategy=args.strategy,
-                       heartbeat=args.heartbeat, stale_after=args.stale_after,
-                       silence_timeout=args.silence_timeout, rank0_works=not args.coordinator_only)
+    try:
+        summary = run_grid(args.grid, executor=args.executor, array_index=args.array_index,
+                           array_count=args.array_count, strategy=args.strategy,
+                           heartbeat=args.heartbeat, stale_after=args.stale_after,
+                           silence_timeout=args.silence_timeout,
+                           rank0_works=not args.coordinator_only)
+    except GridPreempted as stopped:  # re-raised: its exit status (75) asks SLURM to requeue
+        done = stopped.summary
+        print(f"stopped on request: {done.done_at_end}/{done.total} points done; running points "
+              f"kept their last complete epoch for the next launch")
+        raise
     if summary.rank == 0:
         print(f"{summary.done_at_end}/{summary.total} points done; this launch ran "
               f"{len(summary.executed)} on rank 0 ({summary.mode}, {summary.size} process(es))")
@@ -154,6 +169,10 @@ def run(args) -> int:
     from lottery.scheduler import WorldSizeError
 
     try:
+        if args.command == "vae-study":
+            from lottery import vae_cli
+
+            return vae_cli.run(args)
         return {"plan": _plan, "run": _run, "stats": _stats, "status": _status}[args.command](args)
     except (SettingsError, FileNotFoundError, WorldSizeError, ValueError) as err:
         log.error("%s", err)

@@ -164,7 +164,8 @@ def early_bird_epoch(run: RunInfo) -> int:
 
 # Fields of a structured grid. A grid without channel ratios leaves them out of its identity, so
 # magnitude grids planned before these fields existed keep their directory name and settings.json.
-STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "early_bird")
+STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "early_bird",
+                     "channel_round_to")
 
 
 def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
@@ -173,6 +174,8 @@ def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
     if values.get("channel_ratios") is None:
         for field in STRUCTURED_FIELDS:
             values.pop(field, None)
+    if values.get("channel_round_to") == 1:  # added later: grids planned before keep their names
+        values.pop("channel_round_to")
     return values
 
 
@@ -193,9 +196,11 @@ def mask_id(scope: str, kind: str, value: float) -> str:
     return f"{scope}-{kind}{_fraction_tag(value)}"
 
 
-def channel_mask_id(criterion: str, scope: str, ratio: float, draw: str) -> str:
-    """e.g. channels-bn-global-c3000-10ep (30% of the channels, drawn at epoch 10)."""
-    return f"channels-{criterion}-{scope}-c{_fraction_tag(ratio)}-{draw}"
+def channel_mask_id(criterion: str, scope: str, ratio: float, draw: str, round_to: int = 1) -> str:
+    """e.g. channels-bn-global-c3000-10ep (30% of the channels, drawn at epoch 10); a rounded
+    mask adds its multiple: channels-l1-layer-c5000-r16-10ep."""
+    rounding = f"-r{round_to}" if round_to > 1 else ""
+    return f"channels-{criterion}-{scope}-c{_fraction_tag(ratio)}{rounding}-{draw}"
 
 
 def random_mask_id(base: str, seed: int) -> str:
@@ -255,7 +260,7 @@ def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> 
     tasks = []
     for draw in settings.draw_points:
         for ratio in settings.channel_ratios or ():
-            mid = channel_mask_id(settings.criterion, scope, ratio, draw)
+            mid = channel_mask_id(settings.criterion, scope, ratio, draw, settings.channel_round_to)
             task_id = "structured-" + mid.removeprefix("channels-")
             tasks.append({
                 "task_id": task_id, "kind": "structured", "mask_id": mid, "base_mask_id": None,
@@ -264,6 +269,7 @@ def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> 
                 "draw_epoch": float(positions[draw]), "exclude": list(settings.exclude),
                 "epochs": settings.epochs, "imp_rounds": 0, "imp_rate": 0.0,
                 "seed": _derived_seed(settings.seed, task_id), "cost": float(settings.epochs),
+                **({"round_to": settings.channel_round_to} if settings.channel_round_to > 1 else {}),
             })
     return tasks
 
@@ -331,7 +337,8 @@ def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
     scope = settings.resolved_channel_scope
     described: dict[str, dict[str, Any]] = {}
     for draw in settings.draw_points:
-        wanted = [(ratio, channel_mask_id(settings.criterion, scope, ratio, draw))
+        wanted = [(ratio, channel_mask_id(settings.criterion, scope, ratio, draw,
+                                          settings.channel_round_to))
                   for ratio in settings.channel_ratios or ()]
         model = None
         for ratio, mid in wanted:
@@ -343,7 +350,8 @@ def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
                     model = load_checkpoint(run.paths.root, draw)
                 try:
                     mask = select_channels(model, settings.criterion, ratio, scope=scope,
-                                           exclude=tuple(settings.exclude))
+                                           exclude=tuple(settings.exclude),
+                                           round_to=settings.channel_round_to)
                 except ValueError as err:  # criterion bn without BatchNorm, an exclude typo
                     field = "exclude" if "exclude" in str(err) else "criterion"
                     raise SettingsError(f"{field}: checkpoint {draw} of {run.paths.root}: "
@@ -354,7 +362,8 @@ def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
                 masks.save_mask(path, mask, meta)
             described[mid] = {"file": str(path.relative_to(grid.root)),
                               **{k: meta.get(k) for k in ("mask_id", "kind", "criterion", "ratio",
-                                                          "scope", "draw", "draw_epoch", "exclude")}}
+                                                          "scope", "draw", "draw_epoch", "exclude",
+                                                          "round_to")}}
     return described
 
 

@@ -158,7 +158,7 @@ def test_imp_only_grid_and_pinned_hash():
     assert grid_hash(structured) == "6ae67410"
     # ... and every structured field is part of a structured grid's identity.
     for change in ({"criterion": "l1"}, {"channel_scope": "layer"}, {"draw": ("30ep",)},
-                   {"early_bird": False}, {"channel_ratios": (0.3,)}):
+                   {"early_bird": False}, {"channel_ratios": (0.3,)}, {"channel_round_to": 16}):
         assert grid_hash(dataclasses.replace(structured, **change)) != grid_hash(structured), change
 
 
@@ -233,6 +233,22 @@ def test_structured_plan_draws_channel_masks_at_each_checkpoint(dense_run):
     before = _files(grid.root)
     assert plan(dense_run.root, settings) == grid
     assert _files(grid.root) == before
+
+
+def test_structured_plan_rounds_kept_channels_to_a_multiple(dense_run):
+    from lottery.masks import load_mask
+
+    settings = make_settings(GridSettings, {"channel_ratios": [0.3], "criterion": "l2",
+                                            "draw": ["1ep"], "channel_round_to": 8})
+    grid = plan(dense_run.root, settings)
+    (task,) = load_plan(grid.root)["tasks"]
+    assert task["mask_id"] == "channels-l2-layer-c3000-r8-1ep" and task["round_to"] == 8
+    mask, meta = load_mask(grid.mask(task["mask_id"]))
+    assert meta["round_to"] == 8
+    kept = {name: int(np.count_nonzero(entry)) for name, entry in mask.items() if name.endswith("bias")}
+    assert kept and all(count % 8 == 0 for count in kept.values()), kept
+    # LeNet's 300 and 100 hidden units, 30% pruned: 210 -> 208 and 70 -> 72 (nearest multiples of 8).
+    assert sorted(kept.values()) == [72, 208]
 
 
 @pytest.mark.parametrize("values, message", [

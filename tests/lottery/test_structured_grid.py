@@ -15,7 +15,6 @@ import pytest
 from common.atomic import read_json
 from common.paths import DenseRunPaths, GridPaths
 from lottery.grid import done_ids, load_plan
-from tests.train.conftest import digits_dir  # noqa: F401  (the session's digits dataset)
 
 pytestmark = [pytest.mark.slow]
 
@@ -29,7 +28,7 @@ def _last_line(capsys) -> str:
 
 
 @pytest.fixture(scope="module")
-def eb_run(digits_dir, tmp_path_factory) -> DenseRunPaths:  # noqa: F811
+def eb_run(digits_dir, tmp_path_factory) -> DenseRunPaths:
     """A real dense run: ResNet-20 (width 4) on 16x16 digits, BN-scale L1 penalty, the Early-Bird
     detector on with a short window and loose threshold so that 3 epochs draw a ticket."""
     from train.run import train_dense
