@@ -67,12 +67,20 @@ def settings_to_dict(settings: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
 
 
-def settings_hash(settings: Any, extra: Mapping[str, Any] | None = None) -> str:
-    """8 hex digits identifying the fully resolved settings plus the schema version."""
+def settings_hash(settings: Any, extra: Mapping[str, Any] | None = None, *,
+                  omit: Mapping[str, Any] | None = None) -> str:
+    """8 hex digits identifying the fully resolved settings plus the schema version.
+
+    `omit`: field -> value; a field holding exactly that value is left out. Fields added to a
+    settings class later are omitted at their defaults, so earlier directories keep their names.
+    """
+    omit = dict(omit or {})
+    values = {k: v for k, v in settings_to_dict(settings).items()
+              if not (k in omit and v == omit[k])}
     payload = {
         "schema_version": SCHEMA_VERSION,
         "kind": type(settings).__name__,
-        "settings": settings_to_dict(settings),
+        "settings": values,
         "extra": dict(extra or {}),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

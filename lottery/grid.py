@@ -181,10 +181,9 @@ def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
 
 def grid_hash(settings: GridSettings) -> str:
     """settings_hash of the grid's identity (see grid_identity)."""
-    values = grid_identity(settings)
-    # settings_hash takes a dataclass; a plain one of the same name holding exactly the identity.
-    view = dataclasses.make_dataclass(type(settings).__name__, list(values))
-    return settings_hash(view(**values))
+    values = settings_to_dict(settings)
+    identity = grid_identity(values)
+    return settings_hash(settings, omit={k: v for k, v in values.items() if k not in identity})
 
 
 def _fraction_tag(value: float) -> str:

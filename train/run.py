@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import hashlib
 import io
-import json
 import logging
 import math
 import shutil
@@ -34,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 from common.atomic import atomic_path, read_json, write_json, write_text
 from common.paths import DenseRunPaths
-from common.settings import SCHEMA_VERSION, settings_to_dict
+from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
 from train.checkpoints import rewind_steps, save_checkpoint, save_weights_atomic
 from train.data import DatasetInfo, describe, open_dataset
 from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSettings
@@ -76,12 +74,9 @@ def run_hash(settings: DenseSettings, info: DatasetInfo) -> str:
     canonical = dataclasses.replace(settings, **{f: None if f == "master" else "" for f in
                                                  NON_IDENTITY_FIELDS})
     # Fields added since the first runs are left out while at their defaults, so those runs keep
-    # their directory names: this is common.settings.settings_hash's payload minus those fields.
-    payload = {"schema_version": SCHEMA_VERSION, "kind": type(settings).__name__,
-               "settings": _without_later_defaults(settings_to_dict(canonical)),
-               "extra": {"manifest_sha256": info.manifest_sha256}}
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:8]
+    # their directory names.
+    return settings_hash(canonical, {"manifest_sha256": info.manifest_sha256},
+                         omit=LATER_FIELD_DEFAULTS)
 
 
 def _without_later_defaults(values: dict) -> dict:
@@ -265,21 +260,25 @@ class ElephasEngine:
         self.model = model_factory()
         self.model.compile(optimizer=optimizer_factory(), **compile_kwargs())
         self.model.optimizer.build(self.model.trainable_variables)
+        self._io = None   # train.spark_worker.StateIO of self.model, made on the first round
         log.info("engine elephas: %d workers, %s shards, %d steps per epoch, averaging %s",
                  s.workers, "by file" if by_file else "by record", self.steps_per_epoch,
                  s.averaging)
 
     def _round(self, lr: float, steps: int | None, round_index: int, start_step: int | None):
-        import numpy as np
+        from train.spark_worker import StateIO
 
-        weights = self.model.get_weights()
-        opt_state = [np.asarray(v.numpy()) for v in self.model.optimizer.variables]
-        result = self.dp.run_round(weights, opt_state, lr=lr, steps=steps,
+        # One traced read and one traced assign for all ~400 variables instead of one eager op
+        # each (the driver's share of a round's fixed cost); made on first use, after any resume
+        # has loaded into the same variables.
+        if self._io is None:
+            self._io = StateIO(self.model)
+        io = self._io
+        state = io.read()
+        result = self.dp.run_round(state[:io.n_weights], state[io.n_weights:], lr=lr, steps=steps,
                                    round_index=round_index, seed=self.settings.seed,
                                    start_step=start_step)
-        self.model.set_weights(result.weights)
-        for variable, value in zip(self.model.optimizer.variables, result.optimizer_state):
-            variable.assign(np.reshape(value, variable.shape))
+        io.load(result.weights, result.optimizer_state)
         return result
 
     def train_epoch(self, epoch: int, lr: float, stops: Sequence[int] = (),

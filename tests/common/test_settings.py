@@ -37,6 +37,23 @@ def test_hash_is_stable_and_sensitive():
     assert settings_hash(a) != settings_hash(make_settings(Example, {"epochs": 3}))
 
 
+@settings_dataclass
+class Older:
+    epochs: int
+    lr: float = 0.1
+
+
+def test_hash_omits_a_later_field_only_at_the_given_value():
+    # A field added later, left out at its default, keeps the hash the class had without it.
+    Older.__name__ = Example.__name__
+    older = make_settings(Older, {"epochs": 2, "lr": 0.1})
+    a = make_settings(Example, {"epochs": 2})
+    assert settings_hash(a) != settings_hash(older)
+    assert settings_hash(a, omit={"name": "x"}) == settings_hash(older)
+    changed = make_settings(Example, {"epochs": 2, "name": "y"})
+    assert settings_hash(changed, omit={"name": "x"}) != settings_hash(older)
+
+
 def test_yaml_and_json_files(tmp_path):
     (tmp_path / "s.yaml").write_text("epochs: 4\nlr: 0.5\n")
     (tmp_path / "s.json").write_text(json.dumps({"epochs": 4, "lr": 0.5}))

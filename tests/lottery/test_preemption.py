@@ -101,6 +101,7 @@ def test_a_stopped_run_resumes_at_its_last_epoch_bit_identically(tmp_path, caplo
 
     clear_stop()
     checkpoint = EpochCheckpoint(state, "tiny|m", seed=7)
+    caplog.clear()  # only the resumed launch's records (an earlier test may have enabled INFO)
     with caplog.at_level(logging.INFO, logger="lottery.masked_training"):
         resumed, mask, history = _train(checkpoint)
     assert checkpoint.resumed_from == 2
@@ -176,6 +177,7 @@ def test_an_imp_chain_resumes_inside_the_round_it_was_stopped_in(tmp_path, caplo
         assert "result" in masks.load_mask(path(1))[1]                    # round 1 complete
         assert json.loads((tmp_path / "partial" / "chain" / "state.json").read_text())["epochs_done"] == 1
         clear_stop()
+        caplog.clear()
         with caplog.at_level(logging.INFO, logger="lottery.masked_training"):
             rounds = run_imp(rewind, final, _recipe(3), **kwargs)
     assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["resumed_from_epoch"] == 1

@@ -423,3 +423,47 @@ def test_seed_all_seeds_like_keras_set_random_seed():
 
     assert draws(seed_all, 12) == draws(keras.utils.set_random_seed, 12)
     assert draws(seed_all, 12) != draws(seed_all, 13)
+
+
+def test_driver_ships_and_takes_back_the_whole_state_in_one_call_per_direction(digits_dir, spark,
+                                                                              tmp_path):
+    """train.run.ElephasEngine reads and sets weights and optimizer variables with StateIO: what
+    it ships must be exactly the model's state, and after a round the model must hold exactly the
+    averaged result (order, shapes and 0-d counters included), round after round."""
+    from train.run import ElephasEngine, prepare_run
+    from train.settings import DenseSettings
+
+    prepared = prepare_run(DenseSettings(
+        data=str(digits_dir), out=str(tmp_path), model="conv_small",
+        model_options={"blocks": 1, "width": 0.125, "dense": 16}, engine="elephas", workers=1,
+        epochs=2, batch_size=64, lr=0.05, augment="none"))
+    engine = ElephasEngine(prepared.settings, prepared.info, spark=spark)
+    model, shipped, results = engine.model, [], []
+    run_round = engine.dp.run_round
+
+    def recording(weights, optimizer_state, **kwargs):  # a pass-through spy, not a stand-in
+        shipped.append(([np.array(w) for w in weights], [np.array(v) for v in optimizer_state]))
+        results.append(run_round(weights, optimizer_state, **kwargs))
+        return results[-1]
+
+    engine.dp.run_round = recording
+
+    def state():
+        return model.get_weights(), [np.array(v.numpy()) for v in model.optimizer.variables]
+
+    try:
+        for epoch in range(2):
+            before_w, before_opt = state()
+            engine.train_epoch(epoch, 0.05)
+            sent_w, sent_opt = shipped[-1]
+            for a, e in zip(sent_w + sent_opt, before_w + before_opt):
+                np.testing.assert_array_equal(np.reshape(a, np.shape(e)), e)
+            assert len(sent_w) == len(before_w) and len(sent_opt) == len(before_opt)
+            after_w, after_opt = state()
+            for a, e in zip(after_w + after_opt, results[-1].weights + results[-1].optimizer_state):
+                np.testing.assert_array_equal(a, np.reshape(e, np.shape(a)))
+            assert int(after_opt[0]) == (epoch + 1) * engine.steps_per_epoch  # iterations
+            assert any(not np.array_equal(a, b) for a, b in zip(after_w, before_w))  # it trained
+            assert any(not np.array_equal(a, b) for a, b in zip(after_opt[1:], before_opt[1:]))
+    finally:
+        engine.close()
