@@ -120,6 +120,30 @@ def _count_steps(done: list):
     return CountSteps()
 
 
+# Port slots per node for TensorFlow's SlurmClusterResolver (see _slurm_resolver): any number of
+# tasks per node up to this gets an address.
+_MAX_TASKS_PER_NODE = 1024
+
+
+def _slurm_resolver():
+    """SlurmClusterResolver that leaves GPU binding to SLURM (`--gpus-per-task`).
+
+    TensorFlow's resolver divides the GPUs nvidia-smi shows among the node's tasks itself: with
+    fewer visible GPUs than tasks (CPU nodes, or SLURM already binding one GPU per task) it fails
+    with a zero range step, and otherwise it overrides SLURM's CUDA_VISIBLE_DEVICES. Here each
+    task keeps what SLURM gave it and reports the GPUs it really sees.
+    """
+    import tensorflow as tf
+
+    class TaskBoundSlurmResolver(tf.distribute.cluster_resolver.SlurmClusterResolver):
+        def num_accelerators(self, task_type=None, task_id=None, config_proto=None):
+            return {"GPU": len(tf.config.list_physical_devices("GPU"))}
+
+    # gpus_per_task=1 only numbers the port slots; no device is assigned (auto_set_gpu=False).
+    return TaskBoundSlurmResolver(gpus_per_node=_MAX_TASKS_PER_NODE, gpus_per_task=1,
+                                  auto_set_gpu=False)
+
+
 def _strategy(multiworker: bool):
     import tensorflow as tf
 
@@ -130,7 +154,7 @@ def _strategy(multiworker: bool):
             return tf.distribute.MirroredStrategy()
         return tf.distribute.get_strategy()
     if "SLURM_JOB_ID" in os.environ and "TF_CONFIG" not in os.environ:
-        resolver = tf.distribute.cluster_resolver.SlurmClusterResolver()
+        resolver = _slurm_resolver()
     else:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver=resolver)

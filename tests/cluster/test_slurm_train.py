@@ -1,4 +1,5 @@
-"""slurm/train_elephas.sbatch (Spark-in-SLURM, CPU) for real; train_multiworker.sbatch as a dry run."""
+"""slurm/train_elephas.sbatch (Spark-in-SLURM, CPU) and slurm/train_multiworker.sbatch (two srun tasks
+finding each other through SlurmClusterResolver) for real, and their dry runs."""
 from __future__ import annotations
 
 import os
@@ -34,6 +35,30 @@ def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
     assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
     assert "Registering app bigticket-train" in (tmp_path / "sparkjob" / "master.log").read_text()
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_multiworker_training_inside_slurm_runs_one_process_per_task(slurm, tmp_path):
+    images = tiny_image_folder(tmp_path / "images")
+    etl = subprocess.run([str(PYTHON), "-m", "bigticket", "etl", "prepare", "--source", "imagenet-folder",
+                          "--input", str(images), "--out", str(tmp_path / "ds"), "--resize", "fixed:8",
+                          "--shards", "2", "--master", "local[1]"],
+                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert etl.returncode == 0, etl.stderr[-3000:]
+    env = {"PYTHON": str(PYTHON), "RESULT_FILE": str(tmp_path / "run.txt")}
+    done = slurm.sbatch(["--wait", "--gpus-per-task=0", "--nodes=1", "--ntasks-per-node=2",
+                         "--cpus-per-task=1", "--output", str(tmp_path / "job-%j.out"),
+                         str(REPO / "slurm" / "train_multiworker.sbatch"), "--data", str(tmp_path / "ds"),
+                         "--model", "conv_small", "--epochs", "2", "--out", str(tmp_path / "runs"),
+                         "--batch-size", "2", "--input-size", "8"],
+                        env=env, cwd=REPO, timeout=400)
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert done.returncode == 0, log[-4000:]
+    run = Path((tmp_path / "run.txt").read_text().strip())
+    assert run.parent == tmp_path / "runs" and run.name.startswith("dense-")
+    assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
+    # Both tasks joined one cluster (else each would train alone as a chief and both would write).
+    assert log.count("dense run complete") == 1, log[-4000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.name]
 
 
 def test_multiworker_dry_run_is_one_srun_per_task(tmp_path):
