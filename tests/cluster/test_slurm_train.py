@@ -13,13 +13,17 @@ from tests.cluster.slurm_cluster import PYTHON, REPO, processes_mentioning, tiny
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
-    images = tiny_image_folder(tmp_path / "images")
+def _tiny_dataset(out: Path) -> None:
+    images = tiny_image_folder(out.parent / "images")
     etl = subprocess.run([str(PYTHON), "-m", "bigticket", "etl", "prepare", "--source", "imagenet-folder",
-                          "--input", str(images), "--out", str(tmp_path / "ds"), "--resize", "fixed:8",
+                          "--input", str(images), "--out", str(out), "--resize", "fixed:8",
                           "--shards", "2", "--master", "local[1]"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert etl.returncode == 0, etl.stderr[-3000:]
+
+
+def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
+    _tiny_dataset(tmp_path / "ds")
     (tmp_path / "scratch").mkdir()
     env = {"SPARK_JOB_DIR": str(tmp_path / "sparkjob"), "SPARK_SCRATCH": str(tmp_path / "scratch"),
            "PYTHON": str(PYTHON), "RESULT_FILE": str(tmp_path / "run.txt")}
@@ -38,12 +42,7 @@ def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
 
 
 def test_multiworker_training_inside_slurm_runs_one_process_per_task(slurm, tmp_path):
-    images = tiny_image_folder(tmp_path / "images")
-    etl = subprocess.run([str(PYTHON), "-m", "bigticket", "etl", "prepare", "--source", "imagenet-folder",
-                          "--input", str(images), "--out", str(tmp_path / "ds"), "--resize", "fixed:8",
-                          "--shards", "2", "--master", "local[1]"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert etl.returncode == 0, etl.stderr[-3000:]
+    _tiny_dataset(tmp_path / "ds")
     env = {"PYTHON": str(PYTHON), "RESULT_FILE": str(tmp_path / "run.txt")}
     done = slurm.sbatch(["--wait", "--gpus-per-task=0", "--nodes=1", "--ntasks-per-node=2",
                          "--cpus-per-task=1", "--output", str(tmp_path / "job-%j.out"),
