@@ -108,21 +108,8 @@ class _Rebuilder:
         return value
 
     def copy_weights(self) -> None:
-        functional = structured._functional_type()
-        for old, new in self.pairs.values():
-            if isinstance(old, functional):
-                continue
-            new_vars = {v.name: v for v in new.weights}
-            old_vars = {v.name: v for v in old.weights}
-            if set(new_vars) != set(old_vars):
-                raise ValueError(f"compaction: layer {old.name!r} rebuilt with variables {sorted(new_vars)}, "
-                                 f"expected {sorted(old_vars)}")
-            for name, var in new_vars.items():
-                value = self.sliced(old, old_vars[name])
-                if tuple(value.shape) != tuple(var.shape):
-                    raise ValueError(f"compaction: {old.name}/{name} sliced to {value.shape} but the compact "
-                                     f"layer expects {tuple(var.shape)}")
-                var.assign(value.astype(var.dtype, copy=False))
+        _copy_weights(self.pairs, lambda old: {v.name: self.sliced(old, v) for v in old.weights},
+                      "compaction")
 
 
 def compact(model, mask: Mapping[str, np.ndarray]):
@@ -221,20 +208,32 @@ class _Folder:
         return new
 
     def copy_weights(self) -> None:
-        functional = structured._functional_type()
-        for old, new in self.pairs.values():
-            if isinstance(old, functional):
-                continue
+        def values_of(old):
             values = {v.name: np.asarray(v.numpy()) for v in old.weights}
             bn = self.folds.get(id(old))
-            if bn is not None:
-                values = _folded(old, bn, values)
-            targets = {v.name: v for v in new.weights}
-            if set(targets) != set(values):
-                raise ValueError(f"fold_batchnorm: layer {old.name!r} rebuilt with variables {sorted(targets)}, "
-                                 f"expected {sorted(values)}")
-            for name, var in targets.items():
-                var.assign(values[name].astype(var.dtype, copy=False))
+            return values if bn is None else _folded(old, bn, values)
+
+        _copy_weights(self.pairs, values_of, "fold_batchnorm")
+
+
+def _copy_weights(pairs, values_of, what: str) -> None:
+    """Assign each rebuilt layer the values `values_of(old layer)` gives, by variable name, after
+    checking that the rebuilt layer has exactly those variables in exactly those shapes."""
+    functional = structured._functional_type()
+    for old, new in pairs.values():
+        if isinstance(old, functional):  # nested models hold no variables of their own
+            continue
+        values = values_of(old)
+        targets = {v.name: v for v in new.weights}
+        if set(targets) != set(values):
+            raise ValueError(f"{what}: layer {old.name!r} rebuilt with variables {sorted(targets)}, "
+                             f"expected {sorted(values)}")
+        for name, var in targets.items():
+            value = values[name]
+            if tuple(value.shape) != tuple(var.shape):
+                raise ValueError(f"{what}: {old.name}/{name} has shape {value.shape} but the rebuilt "
+                                 f"layer expects {tuple(var.shape)}")
+            var.assign(value.astype(var.dtype, copy=False))
 
 
 def _folded(layer, bn, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

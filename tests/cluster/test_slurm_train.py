@@ -22,6 +22,16 @@ def _tiny_dataset(out: Path) -> None:
     assert etl.returncode == 0, etl.stderr[-3000:]
 
 
+def _finished_run(done, tmp_path: Path) -> tuple[str, Path]:
+    """The job's log and the complete run directory it reported (asserting both)."""
+    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+    assert done.returncode == 0, log[-4000:]
+    run = Path((tmp_path / "run.txt").read_text().strip())
+    assert run.parent == tmp_path / "runs" and run.name.startswith("dense-")
+    assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
+    return log, run
+
+
 def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
     _tiny_dataset(tmp_path / "ds")
     (tmp_path / "scratch").mkdir()
@@ -32,11 +42,7 @@ def test_elephas_training_inside_slurm_saves_its_run_directory(slurm, tmp_path):
                          "--model", "conv_small", "--epochs", "1", "--out", str(tmp_path / "runs"),
                          "--workers", "2", "--batch-size", "4", "--input-size", "8"],
                         env=env, cwd=REPO, timeout=400)
-    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-    assert done.returncode == 0, log[-4000:]
-    run = Path((tmp_path / "run.txt").read_text().strip())
-    assert run.parent == tmp_path / "runs" and run.name.startswith("dense-")
-    assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
+    _, run = _finished_run(done, tmp_path)
     assert "Registering app bigticket-train" in (tmp_path / "sparkjob" / "master.log").read_text()
     assert processes_mentioning(str(tmp_path)) == []
 
@@ -50,11 +56,7 @@ def test_multiworker_training_inside_slurm_runs_one_process_per_task(slurm, tmp_
                          "--model", "conv_small", "--epochs", "2", "--out", str(tmp_path / "runs"),
                          "--batch-size", "2", "--input-size", "8"],
                         env=env, cwd=REPO, timeout=400)
-    log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-    assert done.returncode == 0, log[-4000:]
-    run = Path((tmp_path / "run.txt").read_text().strip())
-    assert run.parent == tmp_path / "runs" and run.name.startswith("dense-")
-    assert (run / "_SUCCESS").is_file() and (run / "checkpoints" / "final.weights.h5").is_file()
+    log, run = _finished_run(done, tmp_path)
     # Both tasks joined one cluster (else each would train alone as a chief and both would write).
     assert log.count("dense run complete") == 1, log[-4000:]
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [run.name]
