@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -62,11 +63,16 @@ def test_dynamic_handout_longest_first_on_every_rank(tmp_path):
     first = sorted(records, key=lambda r: r["started_at"])[:3]
     assert sorted(r["task"]["duration"] for r in first) == [0.7, 0.8, 0.9]
     # Workers ask when idle and get the next point at once: no rank waits between its points.
+    # A gap also holds the fsync of the point's result file, which a busy CI disk once stretched
+    # to 0.9 s for each rank's first point, so the scheduler's latency is judged by the median gap
+    # (a scheduler that waited for rounds or polled slowly moves it); the worst gap must only stay
+    # far under the 5 s heartbeat, which is what a lost request would cost.
     by_rank = {}
     for r in sorted(records, key=lambda r: r["started_at"]):
         by_rank.setdefault(r["worker"]["rank"], []).append(r)
     gaps = [b["started_at"] - a["finished_at"] for rs in by_rank.values() for a, b in zip(rs, rs[1:])]
-    assert gaps and max(gaps) < 0.5, gaps
+    assert len(gaps) == len(records) - 3, gaps
+    assert statistics.median(gaps) < 0.1 and max(gaps) < 2.5, gaps
     # Re-running a finished grid trains nothing.
     again = mpirun(2, grid)
     assert again.returncode == 0, again.stderr[-3000:]
