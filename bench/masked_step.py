@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,14 +31,14 @@ CASES = {"lenet_300_100": 28, "conv_small": 32, "resnet20": 32}
 
 
 def _step_time(model, x, y, steps: int) -> float:
-    model.train_on_batch(x, y)  # trace and warm up outside the timing
     started = time.perf_counter()
     for _ in range(steps):
         model.train_on_batch(x, y)
     return (time.perf_counter() - started) / steps
 
 
-def measure(name: str, size: int, batch: int, steps: int, repeats: int, jit: bool) -> dict:
+def measure(name: str, size: int, batch: int, steps: int, repeats: int, jit: bool,
+            min_time: float = 0.0) -> dict:
     import keras
 
     from lottery.masked_training import apply_mask, masked_optimizer
@@ -59,12 +60,18 @@ def measure(name: str, size: int, batch: int, steps: int, repeats: int, jit: boo
     masked.compile(optimizer=masked_optimizer(keras.optimizers.SGD(0.01, momentum=0.9),
                                               masked, mask),
                    loss="sparse_categorical_crossentropy", jit_compile=jit)
+    for model in (dense, masked):  # trace and warm up outside the timing
+        model.train_on_batch(x, y)
+    # Each timing window lasts at least min_time: a 3 ms step timed 30 times was mostly noise.
+    probe = min(_step_time(dense, x, y, 3), _step_time(masked, x, y, 3))
+    steps = max(steps, math.ceil(min_time / probe))
     dense_times, masked_times = [], []
     for _ in range(repeats):
         dense_times.append(_step_time(dense, x, y, steps))
         masked_times.append(_step_time(masked, x, y, steps))
     d, m = float(np.median(dense_times)), float(np.median(masked_times))
-    return {"model": name, "input": size, "batch": batch, "xla": jit, "dense_step_s": d,
+    return {"model": name, "input": size, "batch": batch, "xla": jit, "steps": steps,
+            "repeats": repeats, "dense_step_s": d,
             "masked_step_s": m,
             "ratio": m / d, "target": TARGET, "pass": m / d <= TARGET}
 
@@ -74,7 +81,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(CASES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--min-time", type=float, default=1.0,
+                        help="seconds each timing window lasts at least (more steps for fast models)")
     parser.add_argument("--xla", choices=("off", "on", "both"), default="both",
                         help="XLA compilation of both steps (Keras enables it on GPUs by default)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "masked_step.json")
@@ -85,7 +94,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         for jit in modes:
             log.info("timing %s (XLA %s)", name, "on" if jit else "off")
-            rows.append(measure(name, CASES[name], args.batch, args.steps, args.repeats, jit))
+            rows.append(measure(name, CASES[name], args.batch, args.steps, args.repeats, jit,
+                                args.min_time))
     print(f"{'model':<16}{'XLA':>4}{'dense ms/step':>15}{'masked ms/step':>16}{'ratio':>8}"
           f"  target <= {TARGET}")
     for r in rows:
