@@ -8,11 +8,14 @@ medians of the repeats are compared.
 
 `--variants` compares the options that decide how close the speed-up comes to the FLOP ratio,
 each a '+'-joined set of: `fold` (BatchNorm folded into the convolution before it, in BOTH arms:
-an inference export), `xla` (both arms' predict steps XLA-compiled), `rN` (select_channels
-round_to=N: the compact arm keeps multiples of N channels per group; its FLOPs, and so the FLOP
-ratio, are those of the model actually timed). `plain` is none of them. `--threads N` pins TF's
-intra-op threads (both arms alike; 0 = TF's default, one per core). `xla` is not in the default
-set: on this CPU it made every arm slower (MobileNetV2 about 10x) and the ratio worse.
+the Keras inference export), `litert` (both arms exported to LiteRT and run by TensorFlow's
+interpreter with XNNPACK, the usual CPU deployment: its converter folds BatchNorm and fuses bias
+and activation into each convolution; lottery.inference), `xla` (both arms' Keras predict steps
+XLA-compiled), `rN` (select_channels round_to=N: the compact arm keeps multiples of N channels
+per group; its FLOPs, and so the FLOP ratio, are those of the model actually timed). `plain` is
+none of them. `--threads N` pins TF's intra-op threads and the LiteRT interpreter's threads (both
+arms alike; 0 = every core). `xla` is not in the default set: on this CPU it made every arm
+slower (MobileNetV2 about 10x) and the ratio worse.
 
 On a machine shared with other busy processes wall-clock rates say more about the neighbours than
 the models: `--threads 1 --clock cpu` times images per CPU-second of one thread instead (both arms
@@ -80,7 +83,8 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
     """
     import keras
 
-    from lottery.compaction import inference_rate, model_flops
+    from lottery.compaction import model_flops
+    from lottery.inference import inference_rate
 
     L = keras.layers
     rows = []
@@ -101,26 +105,33 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
 
 
 def parse_variant(text: str) -> dict:
-    """'fold+r16+xla' -> {"name", "fold", "xla", "round_to"}; ValueError naming a bad part."""
-    out = {"name": text, "fold": False, "xla": False, "round_to": 1}
+    """'fold+r16+xla' -> {"name", "fold", "xla", "litert", "round_to"}; ValueError naming a bad part."""
+    out = {"name": text, "fold": False, "xla": False, "litert": False, "round_to": 1}
     for part in filter(None, text.split("+")):
         if part == "plain":
             continue
-        if part in ("fold", "xla"):
+        if part in ("fold", "xla", "litert"):
             out[part] = True
         elif part.startswith("r") and part[1:].isdigit() and int(part[1:]) >= 1:
             out["round_to"] = int(part[1:])
         else:
-            raise ValueError(f"--variants: {part!r} in {text!r} is not plain, fold, xla or rN (N >= 1)")
+            raise ValueError(f"--variants: {part!r} in {text!r} is not plain, fold, xla, litert or "
+                             f"rN (N >= 1)")
+    if out["xla"] and out["litert"]:
+        raise ValueError(f"--variants: {text!r}: xla compiles the Keras step, litert replaces it")
     return out
 
 
-def _export(model, fold: bool, xla: bool):
-    """The model as it would be deployed under (fold, xla): its own copy, so each arm has its own step."""
+def _export(model, fold: bool, xla: bool, litert: bool, batch: int):
+    """The model as it would be deployed under (fold, xla, litert): its own copy, so each arm
+    has its own step."""
     import keras
 
     from lottery.compaction import fold_batchnorm
+    from lottery.inference import LiteRTModel
 
+    if litert:
+        return LiteRTModel(fold_batchnorm(model) if fold else model, batch)
     if fold:
         out = fold_batchnorm(model)
     else:
@@ -131,10 +142,11 @@ def _export(model, fold: bool, xla: bool):
 
 
 def measure(name: str, size: int, options: dict, ratios: list[float], variants: list[dict], batch: int,
-            seconds: float, repeats: int, clock: str = "wall") -> list[dict]:
+            seconds: float, repeats: int, clock: str = "wall", threads: int = 0) -> list[dict]:
     import keras
 
-    from lottery.compaction import compact, inference_rate, model_cost
+    from lottery.compaction import compact, model_cost
+    from lottery.inference import inference_rate
     from lottery.structured import select_channels
     from train.models import build_model
 
@@ -142,9 +154,9 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
     base = build_model(name, num_classes=10, input_size=size, **options)
     dense_cost = model_cost(base)
     dense_kinds = flops_by_kind(base)
-    dense_arms = {(v["fold"], v["xla"]): None for v in variants}
+    dense_arms = {(v["fold"], v["xla"], v["litert"]): None for v in variants}
     for key in dense_arms:
-        dense_arms[key] = _export(base, *key)
+        dense_arms[key] = _export(base, *key, batch)
     rows = []
     for ratio in ratios:
         compacts, arms = {}, {("dense",) + k: m for k, m in dense_arms.items()}
@@ -153,24 +165,26 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             if r not in compacts:
                 small = compact(base, select_channels(base, "l1", ratio, scope="layer", round_to=r))
                 compacts[r] = (small, model_cost(small), flops_by_kind(small))
-            key = ("compact", r, v["fold"], v["xla"])
+            key = ("compact", r, v["fold"], v["xla"], v["litert"])
             if key not in arms:
-                arms[key] = _export(compacts[r][0], v["fold"], v["xla"])
+                arms[key] = _export(compacts[r][0], v["fold"], v["xla"], v["litert"], batch)
         keys = list(arms)
         rates: dict[tuple, list[float]] = {k: [] for k in keys}
         for rep in tqdm(range(repeats), desc=f"{name} {ratio:.0%}", unit="repeat", leave=False, disable=None):
             # Interleaved, order rotated: a burst of load from other processes hits every arm alike.
             for k in keys[rep % len(keys):] + keys[:rep % len(keys)]:
                 rates[k].append(inference_rate(arms[k], batch_size=batch, seconds=seconds, stat="median",
-                                               clock=clock))
+                                               clock=clock, threads=threads or None))
         for v in variants:
-            dk, ck = ("dense", v["fold"], v["xla"]), ("compact", v["round_to"], v["fold"], v["xla"])
+            dk = ("dense", v["fold"], v["xla"], v["litert"])
+            ck = ("compact", v["round_to"], v["fold"], v["xla"], v["litert"])
             d, c = float(np.median(rates[dk])), float(np.median(rates[ck]))
             small_cost, small_kinds = compacts[v["round_to"]][1], compacts[v["round_to"]][2]
             flop_ratio = dense_cost["flops"] / small_cost["flops"]
             row = {
                 "model": name, "input": size, "options": options, "ratio": ratio, "criterion": "l1",
                 "scope": "layer", "batch": batch, "clock": clock, "variant": v["name"], "fold": v["fold"], "xla": v["xla"],
+                "litert": v["litert"],
                 "round_to": v["round_to"], "dense": dense_cost, "compact": small_cost,
                 "dense_flops_by_kind": dense_kinds, "compact_flops_by_kind": small_kinds,
                 "flop_ratio": flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
@@ -213,13 +227,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=2.0, help="timing window per measurement")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--variants", default="plain,fold,r16,fold+r16",
-                        help="comma-separated option sets, each '+'-joined from fold, xla, rN (or plain)")
+    parser.add_argument("--variants", default="plain,fold,fold+r16,litert,litert+r16",
+                        help="comma-separated option sets, each '+'-joined from fold, litert, xla, rN (or plain)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time (the real speed, needs a quiet machine); cpu: process CPU "
                              "time, images per CPU-second (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=0,
-                        help="TF intra-op threads for both arms (0: TF's default, one per core)")
+                        help="TF intra-op and LiteRT interpreter threads for both arms (0: every core)")
     parser.add_argument("--explain", action="store_true",
                         help="also measure 3x3 conv multiply-adds/s by channel width (why speed-up < FLOP ratio)")
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. whether the machine was quiet)")
@@ -249,7 +263,7 @@ def main(argv=None) -> int:
             parser.error(f"--models: {name!r} is not one of {sorted(cases)}")
         size, options = cases[name]
         rows.extend(measure(name, size, options, ratios, variants, args.batch, args.seconds, args.repeats,
-                            args.clock))
+                            args.clock, args.threads))
     print(_table(rows))
     efficiency = conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock) if args.explain else []
     if efficiency:

@@ -171,6 +171,10 @@ class GridPaths:
         """The physically smaller model a structured point trained (Keras format)."""
         return self.models / f"{task_id}.keras"
 
+    def compact_litert(self, task_id: str) -> Path:
+        """The same model exported for CPU deployment (LiteRT flatbuffer, the batch it was timed at)."""
+        return self.models / f"{task_id}.tflite"
+
     @property
     def results_parquet(self) -> Path:
         return self.root / "results.parquet"

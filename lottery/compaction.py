@@ -6,9 +6,9 @@ kernel, bias and BatchNorm variable. Layers whose width follows their input (Bat
 DepthwiseConv2D, pooling, Flatten, ...) need no change to their config. The result has no masks
 and no custom layers: it saves as `.keras`, loads with `safe_mode=True` and trains like any model.
 
-`fold_batchnorm` is the inference export: BatchNorm merged into the convolution before it (same
-outputs, one memory-bound pass fewer per layer). Time dense and compacted models under the same
-export, or the ratio compares different things.
+`fold_batchnorm` is the Keras inference export: BatchNorm merged into the convolution before it
+(same outputs, one memory-bound pass fewer per layer). Time dense and compacted models under the
+same export (lottery.inference), or the ratio compares different things.
 
 `model_cost` counts what the report compares before and after: parameters, FLOPs and file size.
 FLOPs are multiply-accumulates at batch 1 of the layers that dominate inference cost: Conv1D/2D/3D
@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -330,52 +329,3 @@ def file_bytes(model) -> int:
 def model_cost(model) -> dict[str, int]:
     """{"params": count_params(), "flops": multiply-adds at batch 1, "file_bytes": saved .keras size}."""
     return {"params": int(model.count_params()), "flops": model_flops(model), "file_bytes": file_bytes(model)}
-
-
-STATS = ("mean", "median")
-
-
-CLOCKS = ("wall", "cpu")
-
-
-def inference_rate(model, *, batch_size: int = 32, seconds: float = 2.0, warmup: int = 2,
-                   seed: int = 0, stat: str = "mean", clock: str = "wall") -> float:
-    """Measured CPU inference throughput (images/s) of compiled predict steps on random pixels.
-
-    Runs predict steps for `seconds` (wall time) after `warmup` untimed ones (tracing, and XLA
-    compiling when the model was compiled with jit_compile). stat "mean": images / total time;
-    "median": batch_size / the median step time. clock "wall": elapsed time; "cpu": this process's
-    CPU time (all threads), i.e. images per CPU-second: on a machine shared with other busy
-    processes it measures the model's work rather than its share of the cores (use it with one
-    intra-op thread: idle pool threads spinning would count as work).
-    """
-    if clock not in CLOCKS:
-        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
-    tick = time.perf_counter if clock == "wall" else time.process_time
-    keras = _k()
-    if batch_size < 1 or seconds <= 0:
-        raise ValueError(f"batch_size must be >= 1 and seconds > 0, got {batch_size}, {seconds}")
-    if stat not in STATS:
-        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
-    if len(model.inputs) != 1:
-        raise ValueError(f"inference_rate: model {model.name!r} must have one input, has {len(model.inputs)}")
-    shape = tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise ValueError(f"inference_rate: model {model.name!r} has an unknown input shape {shape}")
-    x = np.random.default_rng(seed).uniform(0, 255, (batch_size,) + shape).astype(np.float32)
-    x = keras.ops.convert_to_tensor(x)
-    for _ in range(max(warmup, 1)):   # trace the predict function outside the timing
-        model.predict_on_batch(x)
-    steps: list[float] = []
-    started, ticked = time.perf_counter(), tick()
-    while True:
-        before = tick()
-        model.predict_on_batch(x)
-        steps.append(tick() - before)
-        if time.perf_counter() - started >= seconds:
-            break
-    if stat == "median":
-        step = float(np.median(steps))
-    else:
-        step = (tick() - ticked) / len(steps)
-    return batch_size / max(step, 1e-9)

@@ -30,7 +30,7 @@ COLUMNS = ("task_id", "kind", "rewind", "control", "scope", "mask_id", "threshol
            # structured points: compacted network vs the dense one at the draw checkpoint
            "ratio", "criterion", "draw_epoch", "params", "params_dense", "flops", "flops_dense",
            "file_bytes", "file_bytes_dense", "images_per_s", "images_per_s_dense", "speedup",
-           "draw_accuracy", "accuracy_before")
+           "inference_runtime", "draw_accuracy", "accuracy_before")
 STRUCTURED_COLUMNS = COLUMNS[COLUMNS.index("ratio"):]
 CONTROL_SHORT = {"random_reinit": "reinit", "random_mask": "rand-mask"}
 MAX_RESULT_BYTES = 64 << 20  # a result file is ours, but a corrupt giant one must not sink a report
@@ -103,6 +103,9 @@ def _structured_fields(task: Mapping[str, Any], result: Mapping[str, Any]) -> di
                                                 "file_bytes", "file_bytes_dense")},
         **{k: _number(result.get(k)) for k in ("images_per_s", "images_per_s_dense", "speedup",
                                                "draw_accuracy", "accuracy_before")},
+        # Older results were timed in Keras with BatchNorm folded.
+        "inference_runtime": result.get("inference_runtime") or (
+            "keras" if result.get("images_per_s") is not None else None),
     }
 
 
@@ -165,7 +168,7 @@ def _schema():
              "flops": pa.int64(), "flops_dense": pa.int64(), "file_bytes": pa.int64(),
              "file_bytes_dense": pa.int64()}
     strings = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind", "host",
-               "criterion"}
+               "criterion", "inference_runtime"}
     return pa.schema([(c, pa.string() if c in strings else types.get(c, pa.float64())) for c in COLUMNS])
 
 
@@ -224,8 +227,8 @@ def structured_table(rows: list[dict[str, Any]], positions: Mapping[str, float] 
         return (r["criterion"] or "", r["ratio"] or 0.0, epoch, r["task_id"])
 
     lines = ["| draw | ratio | criterion | params (compact / dense) | multiply-adds (compact / dense) "
-             "| images/s compact | images/s dense | speed-up | accuracy at draw | accuracy compacted "
-             "| accuracy retrained |",
+             "| CPU images/s compact | CPU images/s dense | speed-up | accuracy at draw "
+             "| accuracy compacted | accuracy retrained |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(structured, key=key):
         draw = r["rewind"] + (f" (epoch {r['draw_epoch']:g})" if r["rewind"] == "early_bird"
@@ -236,6 +239,12 @@ def structured_table(rows: list[dict[str, Any]], positions: Mapping[str, float] 
                      f"{_pair(r['params'], r['params_dense'])} | {_pair(r['flops'], r['flops_dense'])} | "
                      f"{rate(r['images_per_s'])} | {rate(r['images_per_s_dense'])} | {speed} | "
                      f"{_fmt(r['draw_accuracy'])} | {_fmt(r['accuracy_before'])} | {_fmt(r['accuracy'])} |")
+    runtimes = sorted({r["inference_runtime"] for r in structured if r["inference_runtime"]})
+    if runtimes:
+        where = {"litert": "the LiteRT export (XNNPACK CPU kernels)",
+                 "keras": "Keras with BatchNorm folded"}
+        lines += ["", "Images/s: both networks timed on this CPU in "
+                  + " / ".join(where.get(r, r) for r in runtimes) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,9 +3,11 @@
 The scheduler calls `run_structured_task` (through lottery.point.train_point) for tasks of kind
 "structured" (see lottery.grid). The point loads the draw checkpoint and the channel mask planned
 for it, builds the physically smaller network (lottery.compaction.compact), measures both networks
-(parameters, multiply-adds, file size, CPU images/s), evaluates the compacted one, retrains it with
-the dense run's recipe from epoch 0 (as the Early-Bird paper retrains its tickets) and evaluates it
-again. The retrained compact model is saved to models/<task_id>.keras beside the result.
+(parameters, multiply-adds, file size), evaluates the compacted one, retrains it with the dense
+run's recipe from epoch 0 (as the Early-Bird paper retrains its tickets) and evaluates it again.
+The retrained compact model is saved to models/<task_id>.keras beside the result, and exported for
+CPU deployment to models/<task_id>.tflite (LiteRT); both networks' CPU images/s are measured in
+that export (lottery.inference).
 """
 from __future__ import annotations
 
@@ -18,15 +20,18 @@ from typing import Any, Mapping
 from common.atomic import atomic_path
 from common.paths import GridPaths
 from lottery import masks as masks_mod
+from lottery.inference import LiteRTModel
 
 log = logging.getLogger(__name__)
 
 # CPU inference is measured briefly on each of the two networks: a grid point's cost is its
 # retraining; the bench (bench/compaction_speedup.py) measures speed-ups carefully. Both networks
-# are timed as deployed (BatchNorm folded), in interleaved rounds so machine load hits both alike.
+# are timed as deployed on CPUs, exported to LiteRT (lottery.inference), in interleaved rounds so
+# machine load hits both alike.
 INFERENCE_SECONDS = 1.0
 INFERENCE_ROUNDS = 3
 INFERENCE_BATCH = 32
+INFERENCE_RUNTIME = "litert"
 
 _REQUIRED = ("task_id", "kind", "mask_id", "rewind", "control", "ratio", "criterion")
 
@@ -71,13 +76,13 @@ def save_model(model, path: Path) -> Path:
     return path
 
 
-def _inference_rates(dense, small) -> tuple[float, float]:
-    """Median CPU images/s of the BatchNorm-folded dense and compact networks, interleaved."""
+def _inference_rates(dense: LiteRTModel, small: LiteRTModel) -> tuple[float, float]:
+    """Median CPU images/s of the exported dense and compact networks, interleaved."""
     import numpy as np
 
-    from lottery.compaction import fold_batchnorm, inference_rate
+    from lottery.inference import inference_rate
 
-    arms = (fold_batchnorm(dense), fold_batchnorm(small))
+    arms = (dense, small)
     rates: tuple[list[float], list[float]] = ([], [])
     for _ in range(INFERENCE_ROUNDS):
         for model, measured in zip(arms, rates):
@@ -114,7 +119,6 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
     dense_cost = model_cost(dense)
     small = compact(dense, mask)
     small_cost = model_cost(small)
-    dense_rate, small_rate = _inference_rates(dense, small)
     before = _evaluate(small, recipe)
     log.info("task %s: compacted %d -> %d params, %d -> %d multiply-adds; accuracy %.4f at the "
              "draw, %.4f compacted", task["task_id"], dense_cost["params"], small_cost["params"],
@@ -123,6 +127,11 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
     # Every remaining weight of the compacted network trains: no mask to hold.
     trained = retrain(small, {}, recipe, label=str(task["task_id"]))
     model_path = save_model(small, grid.compact_model(str(task["task_id"])))
+    # Speed does not depend on weight values: the rewind checkpoint's dense network and the
+    # retrained compact one, each as deployed; the latter's export is kept for deployment.
+    small_export = LiteRTModel(small, INFERENCE_BATCH)
+    litert_path = small_export.save(grid.compact_litert(str(task["task_id"])))
+    dense_rate, small_rate = _inference_rates(LiteRTModel(dense, INFERENCE_BATCH), small_export)
     params_fraction = small_cost["params"] / dense_cost["params"]
     return {
         **task_fields(task), "ratio": float(task["ratio"]), "criterion": task["criterion"],
@@ -131,6 +140,7 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
         "flops_dense": dense_cost["flops"], "flops": small_cost["flops"],
         "file_bytes_dense": dense_cost["file_bytes"], "file_bytes": small_cost["file_bytes"],
         "images_per_s_dense": dense_rate, "images_per_s": small_rate,
+        "inference_runtime": INFERENCE_RUNTIME, "inference_batch": INFERENCE_BATCH,
         "speedup": small_rate / dense_rate if dense_rate > 0 else None,
         "flops_reduction": dense_cost["flops"] / small_cost["flops"] if small_cost["flops"] else None,
         "draw_accuracy": draw["accuracy"], "draw_loss": draw["loss"],
@@ -142,4 +152,5 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
         "epochs": trained["epochs"], "history": trained["history"],
         "retrain_time_s": trained["wall_time_s"], "wall_time_s": time.perf_counter() - t0,
         "compact_model": str(model_path.relative_to(grid.root)),
+        "compact_litert": str(litert_path.relative_to(grid.root)),
     }

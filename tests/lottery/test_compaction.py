@@ -8,7 +8,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from lottery.compaction import compact, fold_batchnorm, inference_rate, model_cost, model_flops  # noqa: E402
+from lottery.compaction import compact, fold_batchnorm, model_cost, model_flops  # noqa: E402
 from lottery.structured import apply_structured, select_channels  # noqa: E402
 from train.models import BATCHNORM_MODELS, MODELS, build_model  # noqa: E402
 
@@ -179,22 +179,6 @@ def test_resnet20_flops_match_a_hand_count_of_the_cifar_network():
     stage2 = 16 * 16 * 32 * (3 * 3 * 16) + 5 * 16 * 16 * 32 * (3 * 3 * 32) + 16 * 16 * 32 * 16   # + 1x1 proj
     stage3 = 8 * 8 * 64 * (3 * 3 * 32) + 5 * 8 * 8 * 64 * (3 * 3 * 64) + 8 * 8 * 64 * 32
     assert model_cost(model)["flops"] == stem + stage1 + stage2 + stage3 + 64 * 10   # ~40.8M as published
-
-
-def test_inference_rate_is_measured():
-    model = _model("lenet_300_100")
-    rate = inference_rate(model, batch_size=8, seconds=0.2)
-    assert np.isfinite(rate) and rate > 0
-    for stat in ("mean", "median"):
-        for clock in ("wall", "cpu"):
-            other = inference_rate(model, batch_size=8, seconds=0.1, stat=stat, clock=clock)
-            assert np.isfinite(other) and other > 0, (stat, clock)
-    with pytest.raises(ValueError, match="clock"):
-        inference_rate(model, clock="gpu")
-    with pytest.raises(ValueError, match="batch_size"):
-        inference_rate(model, batch_size=0)
-    with pytest.raises(ValueError, match="stat"):
-        inference_rate(model, stat="mode")
 
 
 # ------------------------------------------------------------------------------- BatchNorm folding

@@ -128,8 +128,10 @@ def _validation(run: DenseRunPaths):
 
 
 @pytest.mark.cluster
+@pytest.mark.filterwarnings("ignore:.*tf.lite.Interpreter is deprecated")
 def test_points_compact_retrain_and_save_the_smaller_network(eb_run, ran_grid):
     import keras
+    import tensorflow as tf
 
     from lottery.masks import load_mask
     from lottery.structured import apply_structured
@@ -161,6 +163,19 @@ def test_points_compact_retrain_and_save_the_smaller_network(eb_run, ran_grid):
         small.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
         assert small.evaluate(validation, verbose=0, return_dict=True)["accuracy"] == pytest.approx(
             result["accuracy"], abs=1e-6)
+        # ... and its CPU export, in which both networks were timed, computes the same outputs.
+        assert result["inference_runtime"] == "litert"
+        exported = ran_grid.compact_litert(task["task_id"])
+        assert result["compact_litert"] == str(exported.relative_to(ran_grid.root))
+        batch = result["inference_batch"]
+        x = np.concatenate([xb for xb, _ in validation])[:batch]
+        x = np.resize(x, (batch,) + x.shape[1:]).astype(np.float32)
+        interpreter = tf.lite.Interpreter(model_path=str(exported), num_threads=1)
+        interpreter.allocate_tensors()
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+        interpreter.invoke()
+        np.testing.assert_allclose(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]),
+                                   small.predict_on_batch(x), rtol=1e-4, atol=1e-5)
     # A finished grid trains nothing when run again (here in this process: no second launch).
     from lottery.scheduler import run_grid
 
