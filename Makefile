@@ -28,7 +28,7 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	for b in etl_throughput train_throughput grid_scaling masked_step; do \
+	for b in etl_throughput train_throughput grid_scaling masked_step compaction_speedup early_bird_saving; do \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
 clean-demo:

@@ -405,7 +405,8 @@ def spark_runs(trees: dict[int, Path], work: Path, shards: int, repeats: int,
 def paired_speedup(runs: list[Run], one: str, two: str, get: Callable[[Run], float | None]) -> float:
     """Median over repeats of (one-core time / two-core time), each pair measured back to back:
     drift of the machine's speed between repeats cancels within a pair."""
-    a = [get(r) for r in runs if r.arm == one and r.images == max(x.images for x in runs)]
+    full = max(r.images for r in runs)
+    a = [get(r) for r in runs if r.arm == one and r.images == full]
     b = [get(r) for r in runs if r.arm == two]
     pairs = [x / y for x, y in zip(a, b) if x and y]
     return statistics.median(pairs) if pairs else float("nan")
@@ -651,8 +652,9 @@ def main(argv: Iterable[str] | None = None) -> int:
             full = len(files)
             trees = {n_small: small_tree, full: work / "imagenet"}
             plain_files = {n_small: files[:n_small], full: files}
-            # A busy machine (another job on a core) makes wall-time figures indicative only.
-            loaded = os.getloadavg()[0] > 0.5
+            # A busy machine (another job on a core) makes wall-time figures indicative only. The
+            # load at the start: by now this bench's own single-process loops have raised it.
+            loaded = load[0] > 0.5
             try:
                 runs = spark_runs(trees, work, args.shards, args.spark_repeats, plain_files,
                                   args.spark_warmup)
