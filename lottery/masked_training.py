@@ -5,12 +5,13 @@ compiled train step, gradients of pruned weights are zeroed before the update an
 zeroed again after it. Momentum, Adam moments and weight decay therefore cannot revive a pruned
 weight, and there is no per-step Python work: the masking is element-wise ops in the same graph as
 the update. For the optimizers whose update of a weight is exactly zero when its gradient and its
-state entries are zero (ZERO_PRESERVING: SGD with momentum/Nesterov/weight decay, the Adam family,
-RMSprop, Adagrad, Adadelta, Lion), the weight mask after the update cannot change anything and is
-skipped: the optimizer starts fresh, or from this point's own checkpoint, which was trained under
-the same mask, so its state is zero wherever the gradient always was. It was a sixth of the step
-of LeNet-300-100 without XLA. Other optimizers (Muon orthogonalises the whole update, Ftrl,
-schedule-free methods) keep it. Every epoch ends with a check that pruned weights are still zero.
+state entries are zero (zero_preserving_optimizers(): SGD with momentum/Nesterov/weight decay, the
+Adam family, RMSprop, Adagrad, Adadelta, Lion), the weight mask after the update cannot change
+anything and is skipped: the optimizer starts fresh, or from this point's own checkpoint, which was
+trained under the same mask, so its state is zero wherever the gradient always was. It was a sixth
+of the step of LeNet-300-100 without XLA. Other optimizers (Muon orthogonalises the whole update,
+Ftrl, schedule-free methods) keep it. Every epoch ends with a check that pruned weights are still
+zero.
 
 Preemption: `request_stop()` (the scheduler calls it on SLURM's pre-timeout signal) makes a running
 `train_masked` raise `Preempted` after the current batch. With an `EpochCheckpoint`, every complete
