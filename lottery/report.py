@@ -30,7 +30,7 @@ COLUMNS = ("task_id", "kind", "rewind", "control", "scope", "mask_id", "threshol
            # structured points: compacted network vs the dense one at the draw checkpoint
            "ratio", "criterion", "draw_epoch", "params", "params_dense", "flops", "flops_dense",
            "file_bytes", "file_bytes_dense", "images_per_s", "images_per_s_dense", "speedup",
-           "inference_runtime", "draw_accuracy", "accuracy_before")
+           "inference_runtime", "inference_threads", "draw_accuracy", "accuracy_before")
 STRUCTURED_COLUMNS = COLUMNS[COLUMNS.index("ratio"):]
 CONTROL_SHORT = {"random_reinit": "reinit", "random_mask": "rand-mask"}
 MAX_RESULT_BYTES = 64 << 20  # a result file is ours, but a corrupt giant one must not sink a report
@@ -106,6 +106,7 @@ def _structured_fields(task: Mapping[str, Any], result: Mapping[str, Any]) -> di
         # Older results were timed in Keras with BatchNorm folded.
         "inference_runtime": result.get("inference_runtime") or (
             "keras" if result.get("images_per_s") is not None else None),
+        "inference_threads": _integer(result.get("inference_threads")),
     }
 
 
@@ -166,7 +167,7 @@ def _schema():
     types = {"epochs_to_best": pa.int64(), "epochs": pa.int64(), "imp_rounds": pa.int64(),
              "seed": pa.int64(), "rank": pa.int64(), "params": pa.int64(), "params_dense": pa.int64(),
              "flops": pa.int64(), "flops_dense": pa.int64(), "file_bytes": pa.int64(),
-             "file_bytes_dense": pa.int64()}
+             "file_bytes_dense": pa.int64(), "inference_threads": pa.int64()}
     strings = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind", "host",
                "criterion", "inference_runtime"}
     return pa.schema([(c, pa.string() if c in strings else types.get(c, pa.float64())) for c in COLUMNS])
@@ -243,8 +244,10 @@ def structured_table(rows: list[dict[str, Any]], positions: Mapping[str, float] 
     if runtimes:
         where = {"litert": "the LiteRT export (XNNPACK CPU kernels)",
                  "keras": "Keras with BatchNorm folded"}
+        threads = sorted({r["inference_threads"] for r in structured if r["inference_threads"]})
         lines += ["", "Images/s: both networks timed on this CPU in "
-                  + " / ".join(where.get(r, r) for r in runtimes) + "."]
+                  + " / ".join(where.get(r, r) for r in runtimes)
+                  + (f", {'/'.join(str(t) for t in threads)} thread(s)" if threads else "") + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,9 @@ INFERENCE_SECONDS = 1.0
 INFERENCE_ROUNDS = 3
 INFERENCE_BATCH = 32
 INFERENCE_RUNTIME = "litert"
+# One interpreter thread: grid ranks share a node's cores, and XNNPACK's spinning thread pool
+# oversubscribed by a neighbouring rank ran 30x slower in the demo (2 ranks on 2 cores).
+INFERENCE_THREADS = 1
 
 _REQUIRED = ("task_id", "kind", "mask_id", "rewind", "control", "ratio", "criterion")
 
@@ -87,6 +90,7 @@ def _inference_rates(dense: LiteRTModel, small: LiteRTModel) -> tuple[float, flo
     for _ in range(INFERENCE_ROUNDS):
         for model, measured in zip(arms, rates):
             measured.append(inference_rate(model, batch_size=INFERENCE_BATCH, stat="median",
+                                           threads=INFERENCE_THREADS,
                                            seconds=INFERENCE_SECONDS / INFERENCE_ROUNDS))
     return float(np.median(rates[0])), float(np.median(rates[1]))
 
@@ -141,6 +145,7 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
         "file_bytes_dense": dense_cost["file_bytes"], "file_bytes": small_cost["file_bytes"],
         "images_per_s_dense": dense_rate, "images_per_s": small_rate,
         "inference_runtime": INFERENCE_RUNTIME, "inference_batch": INFERENCE_BATCH,
+        "inference_threads": INFERENCE_THREADS,
         "speedup": small_rate / dense_rate if dense_rate > 0 else None,
         "flops_reduction": dense_cost["flops"] / small_cost["flops"] if small_cost["flops"] else None,
         "draw_accuracy": draw["accuracy"], "draw_loss": draw["loss"],
