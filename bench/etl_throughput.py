@@ -266,7 +266,7 @@ class Run:
     spark: dict | None = None
 
 
-def _spark_server(cores: int, conn) -> None:
+def _spark_server(conn, cores: int) -> None:
     """A child process owning one SparkSession on local[cores]: runs etl.job.prepare on request.
 
     One SparkContext per process, so each core count needs its own process; keeping both alive
@@ -305,31 +305,20 @@ def _spark_server(cores: int, conn) -> None:
         spark.stop()
 
 
-class SparkArm:
-    """The parent's handle on one `_spark_server` child."""
+class _Child:
+    """A spawned child process running `target(conn, *args)`, which answers requests until None."""
 
-    def __init__(self, cores: int, work: Path, shards: int):
+    def __init__(self, target: Callable, *args):
         import multiprocessing
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
-        self.cores, self.work, self.shards = cores, work, shards
-        self.arm = f"spark local[{cores}]"
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_spark_server, args=(cores, child), daemon=True)
+        self.process = ctx.Process(target=target, args=(child, *args), daemon=True)
         self.process.start()
-        self.counter = 0
 
-    def run(self, tree: Path, images: int) -> Run:
-        self.counter += 1
-        out = self.work / f"dataset-local{self.cores}-{self.counter}"
-        self.conn.send((tree, out, images, self.shards))
-        reply = self.conn.recv()
-        if "error" in reply:
-            raise RuntimeError(f"{self.arm}: {reply['error']}")
-        log.info("%s on %d images: %.2f s wall (write phase %.2f s), %.2f CPU-s %s", self.arm,
-                 images, reply["wall"], reply["spark"]["write_phase_s"] or float("nan"),
-                 reply["cpu"], {k: round(v, 2) for k, v in reply["cpu_parts"].items()})
-        return Run(self.arm, images, reply["wall"], reply["cpu"], reply["cpu_parts"], reply["spark"])
+    def ask(self, request):
+        self.conn.send(request)
+        return self.conn.recv()
 
     def close(self) -> None:
         try:
@@ -341,6 +330,27 @@ class SparkArm:
             self.process.terminate()
 
 
+class SparkArm(_Child):
+    """The parent's handle on one `_spark_server` child."""
+
+    def __init__(self, cores: int, work: Path, shards: int):
+        super().__init__(_spark_server, cores)
+        self.cores, self.work, self.shards = cores, work, shards
+        self.arm = f"spark local[{cores}]"
+        self.counter = 0
+
+    def run(self, tree: Path, images: int) -> Run:
+        self.counter += 1
+        out = self.work / f"dataset-local{self.cores}-{self.counter}"
+        reply = self.ask((tree, out, images, self.shards))
+        if "error" in reply:
+            raise RuntimeError(f"{self.arm}: {reply['error']}")
+        log.info("%s on %d images: %.2f s wall (write phase %.2f s), %.2f CPU-s %s", self.arm,
+                 images, reply["wall"], reply["spark"]["write_phase_s"] or float("nan"),
+                 reply["cpu"], {k: round(v, 2) for k, v in reply["cpu_parts"].items()})
+        return Run(self.arm, images, reply["wall"], reply["cpu"], reply["cpu_parts"], reply["spark"])
+
+
 def _plain_worker(conn) -> None:
     """A child process that runs plain_pipeline_once on request (the hardware-ceiling arm)."""
     while (request := conn.recv()) is not None:
@@ -348,14 +358,14 @@ def _plain_worker(conn) -> None:
         conn.send(plain_pipeline_once(files, out))
 
 
-def two_plain_processes(pool: list, files: list[Path], work: Path) -> tuple[float, float]:
+def two_plain_processes(pool: list[_Child], files: list[Path], work: Path) -> tuple[float, float]:
     """Each of two already-started plain processes does half of `files` at the same time: the
     wall time (the slower half) and the CPU time of both. With one plain process on all of
     `files`, the ratio is the 2-core speedup this machine gives any software at this moment."""
     halves = (files[0::2], files[1::2])
-    for i, (conn, _) in enumerate(pool):
-        conn.send((halves[i], work / f"plain-half-{i}.tfrecord"))
-    replies = [conn.recv() for conn, _ in pool]
+    for i, child in enumerate(pool):  # both start before either answers
+        child.conn.send((halves[i], work / f"plain-half-{i}.tfrecord"))
+    replies = [child.conn.recv() for child in pool]
     return max(r[0] for r in replies), sum(r[1] for r in replies)
 
 
@@ -368,16 +378,8 @@ def spark_runs(trees: dict[int, Path], work: Path, shards: int, repeats: int,
     whose C2 compiler was measured spending 4.4 CPU-s over the first eight 3,000-image runs of
     local[2] (JVM CPU per run 1.3 s, settling at 0.4 s): on two cores that is the second
     core's time, not the job's."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
     arms = {cores: SparkArm(cores, work, shards) for cores in (1, 2)}
-    pool = []
-    for _ in range(2):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_plain_worker, args=(child,), daemon=True)
-        proc.start()
-        pool.append((parent, proc))
+    pool = [_Child(_plain_worker) for _ in range(2)]
     small, full = min(trees), max(trees)
     runs: list[Run] = []
     try:
@@ -394,11 +396,8 @@ def spark_runs(trees: dict[int, Path], work: Path, shards: int, repeats: int,
             wall, cpu = two_plain_processes(pool, plain_files[full], work)
             runs.append(Run("two plain processes", full, wall, cpu))
     finally:
-        for arm in arms.values():
-            arm.close()
-        for conn, proc in pool:
-            conn.send(None)
-            proc.join(timeout=60)
+        for child in [*arms.values(), *pool]:
+            child.close()
     return runs
 
 
