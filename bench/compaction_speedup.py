@@ -22,7 +22,11 @@ the models: `--threads 1 --clock cpu` times images per CPU-second of one thread 
 alike), which is stable under load; the wall-clock figure on a quiet machine is the real one.
 
 A per-layer-type FLOP split (conv / pointwise / depthwise / dense) comes with each row: when the
-speed-up lags the FLOP ratio, it shows which kind of layer the remaining work sits in.
+speed-up lags the FLOP ratio, it shows which kind of layer the remaining work sits in. 'lane x' is
+the FLOP ratio with every layer's output channels rounded up to whole CPU vectors (`--lanes`, 16
+floats with AVX-512): the work the kernels really do, so the speed-up the hardware allows; an
+8-channel layer costs what a 16-channel one does. 's-u/lane' near 1 says the compaction delivers
+all of it. `--explain` measures that lane granularity directly (3x3 conv rate by width).
 Prints a table and writes JSON (bench/results/compaction_speedup.json).
 """
 from __future__ import annotations
@@ -73,18 +77,52 @@ def flops_by_kind(model) -> dict[str, int]:
     return out
 
 
+def vector_lanes() -> int:
+    """float32 lanes of this CPU's widest vector unit that XNNPACK uses (16 AVX-512, 8 AVX, else 4)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:  # not Linux
+        return 4
+    return 16 if "avx512f" in flags else 8 if "avx" in flags else 4
+
+
+def lane_padded_flops(model, lanes: int) -> int:
+    """FLOPs with each layer's output channels rounded up to whole vectors of `lanes` floats.
+
+    What CPU kernels actually compute: XNNPACK's convolution and matrix kernels produce output
+    channels a vector at a time, so an 8-channel layer costs what a 16-channel one does on a
+    16-lane CPU. The speed-up can follow the ratio of these counts at best, not the plain FLOP ratio.
+    """
+    from lottery.compaction import layer_flops
+    from lottery.structured import flat_nodes
+
+    total = 0
+    for layer, ins, outs in flat_nodes(model):
+        f = layer_flops(layer, ins, outs)
+        if f:
+            channels = int(outs[0].shape[-1])
+            total += f * (-(-channels // lanes) * lanes) // channels
+    return int(total)
+
+
 def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes=(32, 16, 8),
-                    clock: str = "wall") -> list[dict]:
+                    clock: str = "wall", runtime: str = "keras", threads: int = 0) -> list[dict]:
     """Multiply-adds per second of a stack of 3x3 convolutions (+BN+ReLU) by width and feature-map size.
 
     Why the speed-up trails the FLOP ratio: below the CPU's vector width (16 floats with AVX-512)
-    a channels-last convolution leaves lanes idle, and BatchNorm / ReLU / Add (not in the FLOP
-    count) cost the same per element at any width, so narrow layers run at a fraction of the rate.
+    a channels-last convolution leaves lanes idle (XNNPACK's AVX-512 kernels compute output
+    channels 16 at a time, so an 8-channel layer runs at half their rate), and BatchNorm / ReLU /
+    Add (not in the FLOP count) cost the same per element at any width, so narrow layers run at a
+    fraction of the rate. `runtime` "keras" (the compiled predict step) or "litert" (each stack
+    exported as lottery.inference.LiteRTModel; `threads` its interpreter threads, 0 every core).
     """
     import keras
 
     from lottery.compaction import model_flops
-    from lottery.inference import inference_rate
+    from lottery.inference import LiteRTModel, inference_rate
+
+    if runtime not in ("keras", "litert"):
+        raise ValueError(f"runtime must be keras or litert, got {runtime!r}")
 
     L = keras.layers
     rows = []
@@ -98,8 +136,10 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
                     if bn:
                         x = L.ReLU()(L.BatchNormalization()(x))
                 model = keras.Model(inp, x)
-                rate = inference_rate(model, batch_size=batch, seconds=seconds, stat="median", clock=clock)
-                rows.append({"size": size, "width": width, "bn_relu": bn,
+                timed = LiteRTModel(model, batch) if runtime == "litert" else model
+                rate = inference_rate(timed, batch_size=batch, seconds=seconds, stat="median", clock=clock,
+                                      threads=threads or None)
+                rows.append({"runtime": runtime, "size": size, "width": width, "bn_relu": bn,
                              "gmac_s": rate * model_flops(model) / 1e9})
     return rows
 
@@ -142,7 +182,7 @@ def _export(model, fold: bool, xla: bool, litert: bool, batch: int):
 
 
 def measure(name: str, size: int, options: dict, ratios: list[float], variants: list[dict], batch: int,
-            seconds: float, repeats: int, clock: str = "wall", threads: int = 0) -> list[dict]:
+            seconds: float, repeats: int, clock: str = "wall", threads: int = 0, lanes: int = 16) -> list[dict]:
     import keras
 
     from lottery.compaction import compact, model_cost
@@ -154,6 +194,7 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
     base = build_model(name, num_classes=10, input_size=size, **options)
     dense_cost = model_cost(base)
     dense_kinds = flops_by_kind(base)
+    dense_lane_flops = lane_padded_flops(base, lanes)
     dense_arms = {(v["fold"], v["xla"], v["litert"]): None for v in variants}
     for key in dense_arms:
         dense_arms[key] = _export(base, *key, batch)
@@ -164,7 +205,7 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             r = v["round_to"]
             if r not in compacts:
                 small = compact(base, select_channels(base, "l1", ratio, scope="layer", round_to=r))
-                compacts[r] = (small, model_cost(small), flops_by_kind(small))
+                compacts[r] = (small, model_cost(small), flops_by_kind(small), lane_padded_flops(small, lanes))
             key = ("compact", r, v["fold"], v["xla"], v["litert"])
             if key not in arms:
                 arms[key] = _export(compacts[r][0], v["fold"], v["xla"], v["litert"], batch)
@@ -179,15 +220,17 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             dk = ("dense", v["fold"], v["xla"], v["litert"])
             ck = ("compact", v["round_to"], v["fold"], v["xla"], v["litert"])
             d, c = float(np.median(rates[dk])), float(np.median(rates[ck]))
-            small_cost, small_kinds = compacts[v["round_to"]][1], compacts[v["round_to"]][2]
+            _, small_cost, small_kinds, small_lane_flops = compacts[v["round_to"]]
             flop_ratio = dense_cost["flops"] / small_cost["flops"]
+            lane_flop_ratio = dense_lane_flops / small_lane_flops
             row = {
                 "model": name, "input": size, "options": options, "ratio": ratio, "criterion": "l1",
                 "scope": "layer", "batch": batch, "clock": clock, "variant": v["name"], "fold": v["fold"], "xla": v["xla"],
                 "litert": v["litert"],
                 "round_to": v["round_to"], "dense": dense_cost, "compact": small_cost,
                 "dense_flops_by_kind": dense_kinds, "compact_flops_by_kind": small_kinds,
-                "flop_ratio": flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
+                "flop_ratio": flop_ratio, "lanes": lanes, "lane_flop_ratio": lane_flop_ratio,
+                "speedup_per_lane_flop_ratio": c / d / lane_flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
                 "dense_images_s": d, "compact_images_s": c, "dense_images_s_all": rates[dk],
                 "compact_images_s_all": rates[ck], "speedup": c / d, "speedup_per_flop_ratio": c / d / flop_ratio,
                 # Median of the per-repeat ratios (each pair measured close in time): a check on the
@@ -205,7 +248,7 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
 
 def _table(rows: list[dict]) -> str:
     head = (f"{'model':<14}{'ratio':>6}{'variant':>15}{'params dense->compact':>24}{'MFLOPs':>10}{'FLOP x':>8}{'dense img/s':>13}"
-            f"{'compact img/s':>15}{'speed-up':>10}{'paired':>8}{'s-u/FLOP':>10}  target")
+            f"{'compact img/s':>15}{'speed-up':>10}{'paired':>8}{'s-u/FLOP':>10}{'lane x':>8}{'s-u/lane':>10}  target")
     lines = [head]
     for r in rows:
         verdict = "" if "pass" not in r else (f">= {r['target']} " + ("PASS" if r["pass"] else "FAIL"))
@@ -213,7 +256,8 @@ def _table(rows: list[dict]) -> str:
         lines.append(f"{r['model']:<14}{r['ratio']:>6.1f}{r['variant']:>15}{params:>24}"
                      f"{r['compact']['flops'] / 1e6:>10.1f}{r['flop_ratio']:>8.2f}{r['dense_images_s']:>13.0f}"
                      f"{r['compact_images_s']:>15.0f}{r['speedup']:>10.2f}{r.get('speedup_paired', float('nan')):>8.2f}"
-                     f"{r['speedup_per_flop_ratio']:>10.2f}  {verdict}")
+                     f"{r['speedup_per_flop_ratio']:>10.2f}{r['lane_flop_ratio']:>8.2f}"
+                     f"{r['speedup_per_lane_flop_ratio']:>10.2f}  {verdict}")
     return "\n".join(lines)
 
 
@@ -234,6 +278,8 @@ def main(argv=None) -> int:
                              "time, images per CPU-second (use with --threads 1 on a shared machine)")
     parser.add_argument("--threads", type=int, default=0,
                         help="TF intra-op and LiteRT interpreter threads for both arms (0: every core)")
+    parser.add_argument("--lanes", type=int, default=0,
+                        help="float32 vector lanes for the 'lane x' column (0: this CPU's: 16 with AVX-512, 8 with AVX)")
     parser.add_argument("--explain", action="store_true",
                         help="also measure 3x3 conv multiply-adds/s by channel width (why speed-up < FLOP ratio)")
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. whether the machine was quiet)")
@@ -247,6 +293,9 @@ def main(argv=None) -> int:
         parser.error(str(exc))
     if args.threads < 0:
         parser.error("--threads must be >= 0")
+    if args.lanes < 0:
+        parser.error("--lanes must be >= 0")
+    lanes = args.lanes or vector_lanes()
     if args.threads:
         import tensorflow as tf
 
@@ -263,14 +312,21 @@ def main(argv=None) -> int:
             parser.error(f"--models: {name!r} is not one of {sorted(cases)}")
         size, options = cases[name]
         rows.extend(measure(name, size, options, ratios, variants, args.batch, args.seconds, args.repeats,
-                            args.clock, args.threads))
+                            args.clock, args.threads, lanes))
     print(_table(rows))
-    efficiency = conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock) if args.explain else []
-    if efficiency:
-        print("\n3x3 conv stack, GMAC/s (conv only | conv+BN+ReLU)")
-        print(f"{'size':>6}" + "".join(f"{'w=' + str(w):>16}" for w in sorted({e['width'] for e in efficiency})))
-        for size in sorted({e["size"] for e in efficiency}, reverse=True):
-            cells = {(e["width"], e["bn_relu"]): e["gmac_s"] for e in efficiency if e["size"] == size}
+    efficiency = []
+    if args.explain:
+        # The runtimes the variants timed: the explanation is about the kernels that ran.
+        runtimes = sorted({"litert" if v["litert"] else "keras" for v in variants})
+        for runtime in runtimes:
+            efficiency += conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock,
+                                          runtime=runtime, threads=args.threads)
+    for runtime in sorted({e["runtime"] for e in efficiency}):
+        rows_rt = [e for e in efficiency if e["runtime"] == runtime]
+        print(f"\n3x3 conv stack in {runtime}, GMAC/s (conv only | conv+BN+ReLU)")
+        print(f"{'size':>6}" + "".join(f"{'w=' + str(w):>16}" for w in sorted({e['width'] for e in rows_rt})))
+        for size in sorted({e["size"] for e in rows_rt}, reverse=True):
+            cells = {(e["width"], e["bn_relu"]): e["gmac_s"] for e in rows_rt if e["size"] == size}
             print(f"{size:>6}" + "".join(f"{cells[(w, False)]:>8.1f} |{cells[(w, True)]:>6.1f}"
                                          for w in sorted({w for w, _ in cells})))
     write_json(args.out, {
