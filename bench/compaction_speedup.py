@@ -121,9 +121,6 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
     from lottery.compaction import model_flops
     from lottery.inference import LiteRTModel, inference_rate
 
-    if runtime not in ("keras", "litert"):
-        raise ValueError(f"runtime must be keras or litert, got {runtime!r}")
-
     L = keras.layers
     rows = []
     for size in sizes:
@@ -315,14 +312,11 @@ def main(argv=None) -> int:
                             args.clock, args.threads, lanes))
     print(_table(rows))
     efficiency = []
-    if args.explain:
-        # The runtimes the variants timed: the explanation is about the kernels that ran.
-        runtimes = sorted({"litert" if v["litert"] else "keras" for v in variants})
-        for runtime in runtimes:
-            efficiency += conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock,
-                                          runtime=runtime, threads=args.threads)
-    for runtime in sorted({e["runtime"] for e in efficiency}):
-        rows_rt = [e for e in efficiency if e["runtime"] == runtime]
+    # In the runtimes the variants timed: the explanation is about the kernels that ran.
+    for runtime in sorted({"litert" if v["litert"] else "keras" for v in variants}) if args.explain else ():
+        rows_rt = conv_efficiency(args.batch, min(args.seconds, 0.5), clock=args.clock, runtime=runtime,
+                                  threads=args.threads)
+        efficiency += rows_rt
         print(f"\n3x3 conv stack in {runtime}, GMAC/s (conv only | conv+BN+ReLU)")
         print(f"{'size':>6}" + "".join(f"{'w=' + str(w):>16}" for w in sorted({e['width'] for e in rows_rt})))
         for size in sorted({e["size"] for e in rows_rt}, reverse=True):
