@@ -10,7 +10,7 @@ medians of the repeats are compared.
 each a '+'-joined set of: `fold` (BatchNorm folded into the convolution before it, in BOTH arms:
 the Keras inference export), `litert` (both arms exported to LiteRT and run by TensorFlow's
 interpreter with XNNPACK, the usual CPU deployment: its converter folds BatchNorm and fuses bias
-and activation into each convolution; lottery.inference), `xla` (both arms' Keras predict steps
+and activation into each convolution; lottery.points.inference), `xla` (both arms' Keras predict steps
 XLA-compiled), `rN` (select_channels round_to=N: the compact arm keeps multiples of N channels
 per group; its FLOPs, and so the FLOP ratio, are those of the model actually timed). `plain` is
 none of them. `--threads N` pins TF's intra-op threads and the LiteRT interpreter's threads (both
@@ -58,8 +58,8 @@ def flops_by_kind(model) -> dict[str, int]:
     """FLOPs split by layer kind: conv (k x k > 1), pointwise (1x1 conv), depthwise, dense."""
     import keras
 
-    from lottery.compaction import layer_flops
-    from lottery.structured import flat_nodes
+    from lottery.prune.compaction import layer_flops
+    from lottery.prune.channels import flat_nodes
 
     out = {"conv": 0, "pointwise": 0, "depthwise": 0, "dense": 0}
     for layer, ins, outs in flat_nodes(model):
@@ -93,8 +93,8 @@ def lane_padded_flops(model, lanes: int) -> int:
     channels a vector at a time, so an 8-channel layer costs what a 16-channel one does on a
     16-lane CPU. The speed-up can follow the ratio of these counts at best, not the plain FLOP ratio.
     """
-    from lottery.compaction import layer_flops
-    from lottery.structured import flat_nodes
+    from lottery.prune.compaction import layer_flops
+    from lottery.prune.channels import flat_nodes
 
     total = 0
     for layer, ins, outs in flat_nodes(model):
@@ -114,12 +114,12 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
     channels 16 at a time, so an 8-channel layer runs at half their rate), and BatchNorm / ReLU /
     Add (not in the FLOP count) cost the same per element at any width, so narrow layers run at a
     fraction of the rate. `runtime` "keras" (the compiled predict step) or "litert" (each stack
-    exported as lottery.inference.LiteRTModel; `threads` its interpreter threads, 0 every core).
+    exported as lottery.points.inference.LiteRTModel; `threads` its interpreter threads, 0 every core).
     """
     import keras
 
-    from lottery.compaction import model_flops
-    from lottery.inference import LiteRTModel, inference_rate
+    from lottery.prune.compaction import model_flops
+    from lottery.points.inference import LiteRTModel, inference_rate
 
     L = keras.layers
     rows = []
@@ -164,8 +164,8 @@ def _export(model, fold: bool, xla: bool, litert: bool, batch: int):
     has its own step."""
     import keras
 
-    from lottery.compaction import fold_batchnorm
-    from lottery.inference import LiteRTModel
+    from lottery.prune.compaction import fold_batchnorm
+    from lottery.points.inference import LiteRTModel
 
     if litert:
         return LiteRTModel(fold_batchnorm(model) if fold else model, batch)
@@ -182,9 +182,9 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             seconds: float, repeats: int, clock: str = "wall", threads: int = 0, lanes: int = 16) -> list[dict]:
     import keras
 
-    from lottery.compaction import compact, model_cost
-    from lottery.inference import inference_rate
-    from lottery.structured import select_channels
+    from lottery.prune.compaction import compact, model_cost
+    from lottery.points.inference import inference_rate
+    from lottery.prune.channels import select_channels
     from train.models import build_model
 
     keras.utils.set_random_seed(0)

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.atomic import read_json, write_json  # noqa: E402
-from lottery.grid import load_tasks  # noqa: E402
+from lottery.grid.plan import load_tasks  # noqa: E402
 from tests.lottery.workload import make_sleep_grid  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "grid_scaling.json"
@@ -47,7 +47,7 @@ def durations_and_estimates(points: int, mean: float, seed: int) -> tuple[list[f
 def run_once(base: Path, durations, estimates, ranks: int, strategy: str, coordinator_only: bool) -> dict:
     root = base / f"{strategy}-{ranks}-{'coord' if coordinator_only else 'work'}"
     grid = make_sleep_grid(root, durations)
-    # Re-plan with the estimates as costs, longest estimated first (what lottery.grid does).
+    # Re-plan with the estimates as costs, longest estimated first (what lottery.grid.plan does).
     tasks = load_tasks(grid.root)
     for t in tasks:
         t["cost"] = estimates[int(t["task_id"][1:])]

@@ -41,9 +41,9 @@ def measure(name: str, size: int, batch: int, steps: int, repeats: int, jit: boo
             min_time: float = 0.0) -> dict:
     import keras
 
-    from lottery.masked_training import apply_mask, masked_optimizer
-    from lottery.masks import global_magnitude_mask
-    from lottery.stats import prunable_weights
+    from lottery.points.masked_training import apply_mask, masked_optimizer
+    from lottery.prune.masks import global_magnitude_mask
+    from lottery.prune.stats import prunable_weights
     from train.models import build_model
 
     keras.utils.set_random_seed(0)

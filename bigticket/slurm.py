@@ -46,7 +46,7 @@ def _words(flag: str, text: str | None) -> list[str]:
 def pipeline_stages(args: argparse.Namespace) -> list[Stage]:
     slurm_dir = Path(args.repo) / "slurm"
     state = Path(args.state_dir or Path(args.runs) / ".pipeline")
-    run_file, grid_file = state / "train.run", state / "lottery.grid"
+    run_file, grid_file = state / "train.run", state / "lottery.grid.plan"
     stages = []
     if not args.skip_etl:
         stages.append(Stage("etl", slurm_dir / "etl.sbatch",

@@ -9,6 +9,14 @@ import re
 from pathlib import Path
 
 SUCCESS = "_SUCCESS"
+EARLY_BIRD_CHECKPOINT = "early_bird"  # checkpoint name of a dense run's Early-Bird ticket
+
+
+def is_safe_name(text: str) -> bool:
+    """Usable as one file name under an output directory: no separators, no hidden or empty names,
+    nothing a shell would mangle (ids of tasks and masks become file names: no path traversal)."""
+    return (bool(text) and not text.startswith(".") and len(text) <= 200
+            and all(c.isalnum() or c in "-_." for c in text))
 
 
 def shard_stem(index: int, count: int) -> str:
@@ -194,7 +202,7 @@ class GridPaths:
 
 @dataclasses.dataclass(frozen=True)
 class VaeStudyPaths:
-    """out/vae-<hash>/ written by the VAE neuron-pruning study (lottery.vae_study)."""
+    """out/vae-<hash>/ written by the VAE neuron-pruning study (lottery.vae.study)."""
 
     root: Path
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     plan.add_argument("--run", required=True, type=Path, help="finished dense run directory")
     plan.add_argument("--config", type=Path, help="JSON/YAML file of grid settings (flags override)")
     plan.add_argument("--preset", metavar="NAME",
-                      help="start from a named preset's grid settings (bigticket.presets, e.g. "
+                      help="start from a named preset's grid settings (common.presets, e.g. "
                            "early-bird-resnet20); --config and flags override it")
     thresholds = plan.add_mutually_exclusive_group()
     thresholds.add_argument("--sparsities", help="target sparsities, e.g. 0.5,0.7,0.9")
@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--grid", required=True, type=Path)
     run.add_argument("--array-index", type=int, help="this SLURM job-array element (0-based)")
     run.add_argument("--array-count", type=int, help="number of job-array elements")
-    run.add_argument("--executor", default="lottery.point:train_point",
+    run.add_argument("--executor", default="lottery.points.oneshot:train_point",
                      help="MODULE:FUNCTION(run_dir, grid_dir, task, settings) -> dict running "
                           "one point (default: the real retraining)")
     run.add_argument("--strategy", choices=("dynamic", "static"), default="dynamic",
@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--silence-timeout", type=_positive, default=30.0,
                      help="MPI: abort when a busy rank (or rank 0) is silent this long")
 
-    from lottery import vae_cli
+    from lottery.vae import cli as vae_cli
 
     vae = sub.add_parser("vae-study", help="VAE neuron-pruning study: l1/l2/fpgm x ratios, loss "
                                            "split before/after pruning and fine-tuning")
@@ -100,12 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args) -> int:
     from common.settings import load_settings_file, make_settings
-    from lottery.grid import plan
-    from lottery.settings import GridSettings
+    from lottery.grid.plan import plan
+    from lottery.grid.settings import GridSettings
 
     values = {}
     if args.preset:
-        from bigticket.presets import preset
+        from common.presets import preset
 
         values.update(preset(args.preset, "grid"))
     if args.config:
@@ -119,7 +119,7 @@ def _plan(args) -> int:
         values.pop("quantiles" if args.sparsities is not None else "sparsities")
     settings = make_settings(GridSettings, values)
     grid = plan(args.run, settings)
-    from lottery.stats import format_stats_table
+    from lottery.prune.stats import format_stats_table
     from common.atomic import read_json
 
     log.info("weight statistics of the final weights:\n%s", format_stats_table(read_json(grid.stats)))
@@ -128,7 +128,7 @@ def _plan(args) -> int:
 
 
 def _run(args) -> int:
-    from lottery.scheduler import GridPreempted, run_grid
+    from lottery.grid.scheduler import GridPreempted, run_grid
 
     try:
         summary = run_grid(args.grid, executor=args.executor, array_index=args.array_index,
@@ -148,8 +148,8 @@ def _run(args) -> int:
 
 
 def _stats(args) -> int:
-    from lottery.grid import load_final_weights, read_run
-    from lottery.stats import format_stats_table, weight_stats
+    from lottery.grid.plan import load_final_weights, read_run
+    from lottery.prune.stats import format_stats_table, weight_stats
 
     stats = weight_stats(load_final_weights(read_run(args.run).paths))
     print(json.dumps(stats, indent=2, sort_keys=True) if args.json else format_stats_table(stats))
@@ -157,7 +157,7 @@ def _stats(args) -> int:
 
 
 def _status(args) -> int:
-    from lottery.report import format_progress, grid_progress
+    from lottery.report.build import format_progress, grid_progress
 
     progress = grid_progress(args.grid, stale_after=args.stale_after)
     print(json.dumps(progress, indent=2, sort_keys=True) if args.json else format_progress(progress))
@@ -166,11 +166,11 @@ def _status(args) -> int:
 
 def run(args) -> int:
     from common.settings import SettingsError
-    from lottery.scheduler import WorldSizeError
+    from lottery.grid.scheduler import WorldSizeError
 
     try:
         if args.command == "vae-study":
-            from lottery import vae_cli
+            from lottery.vae import cli as vae_cli
 
             return vae_cli.run(args)
         return {"plan": _plan, "run": _run, "stats": _stats, "status": _status}[args.command](args)

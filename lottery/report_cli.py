@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from common.settings import SettingsError
-    from lottery.report import build_report
+    from lottery.report.build import build_report
 
     try:
         out = build_report(args.grid)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from common.atomic import atomic_path
-from common.paths import DenseRunPaths
+from common.paths import EARLY_BIRD_CHECKPOINT, DenseRunPaths
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def load_checkpoint(run_dir: str | os.PathLike, name: str):
     run = DenseRunPaths(Path(run_dir))
     if not run.settings.is_file():
         raise FileNotFoundError(f"{run.settings}: not a dense run directory (no settings.json)")
-    if name not in ("init", "final", "early_bird"):
+    if name not in ("init", "final", EARLY_BIRD_CHECKPOINT):
         name = RewindPoint.parse(name).label
     path = run.checkpoint(name)
     if not path.is_file():

@@ -1,6 +1,6 @@
 """`bigticket train dense ...`: train a dense network and print the run directory it wrote.
 
-Settings come from `--preset NAME` (bigticket.presets), then `--config FILE` (JSON/YAML with
+Settings come from `--preset NAME` (common.presets), then `--config FILE` (JSON/YAML with
 DenseSettings' field names), then the flags given on the command line, each overriding the last. Every check (settings, dataset, rewind points) runs before any
 training; a failure prints one line naming the flag, setting or file and exits with status 2.
 """
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dense = sub.add_parser("dense", help="train a dense network; prints the run directory",
                            description=__doc__.splitlines()[0])
     a = dense.add_argument
-    a("--preset", metavar="NAME", help="start from a named preset of bigticket.presets, e.g. "
+    a("--preset", metavar="NAME", help="start from a named preset of common.presets, e.g. "
       "early-bird-resnet20 (--config and flags override it)")
     a("--config", metavar="FILE", help="JSON/YAML file of settings (flags override it)")
     a("--data", metavar="DIR", help="dataset directory written by `bigticket etl prepare`")
@@ -95,7 +95,7 @@ def settings_from_args(args: argparse.Namespace):
 
     values = {}
     if getattr(args, "preset", None):
-        from bigticket.presets import preset
+        from common.presets import preset
 
         values.update(preset(args.preset, "dense"))  # ValueError names the preset
     if args.config:

@@ -14,7 +14,7 @@ data order and augmentation derive from (seed, epoch), the final weights equal a
 run's.
 
 Early-Bird (settings.early_bird): after every epoch, before the resume state names it, the
-detector of `lottery.early_bird` writes early_bird.json and early_bird_masks.npz (and checkpoint
+detector of `train.early_bird` writes early_bird.json and early_bird_masks.npz (and checkpoint
 "early_bird" when the ticket is drawn); a resumed run replays them up to its last complete epoch.
 With stop_at_early_bird the loop ends at the ticket and the run completes as usual.
 """
@@ -36,6 +36,7 @@ from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
 from train.checkpoints import rewind_steps, save_checkpoint, save_weights_atomic
 from train.data import DatasetInfo, describe, open_dataset
 from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSettings
+from train.schedules import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,6 @@ def _without_later_defaults(values: dict) -> dict:
     """Settings minus the later fields that sit at their defaults (absent from older records)."""
     return {k: v for k, v in values.items()
             if not (k in LATER_FIELD_DEFAULTS and v == LATER_FIELD_DEFAULTS[k])}
-
-
-def lr_at(settings: DenseSettings, epoch: float) -> float:
-    """Learning rate at (fractional) epoch `epoch`: linear warm-up, then the schedule."""
-    base, warm = settings.lr, settings.warmup_epochs
-    if warm > 0 and epoch < warm:
-        return base * (epoch + 1) / (warm + 1)  # never 0 at the first step
-    if settings.lr_schedule == "cosine":
-        span = max(settings.epochs - warm, 1e-9)
-        return 0.5 * base * (1 + math.cos(math.pi * min(1.0, (epoch - warm) / span)))
-    if settings.lr_schedule == "step":
-        drops = sum(1 for e in settings.lr_decay_epochs if epoch >= e)
-        return base * settings.lr_decay_factor ** drops
-    return base
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,7 +398,7 @@ def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
     if settings.early_bird:
         # lottery -> train is the usual direction; this lazy import is the one seam back: the
         # detector lives with the other pruning maths, the driver only calls it per epoch.
-        from lottery.early_bird import EarlyBirdTracker
+        from train.early_bird import EarlyBirdTracker
 
         tracker = EarlyBirdTracker(run, model, ratio=settings.early_bird_ratio,
                                    window=settings.early_bird_window,

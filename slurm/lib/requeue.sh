@@ -11,7 +11,7 @@
 # requeued too. The 120 s must cover one training batch plus one save of a point's state.
 
 REQUEUE_CHILD=""
-EXIT_PREEMPTED=75   # lottery.scheduler.EXIT_PREEMPTED
+EXIT_PREEMPTED=75   # lottery.grid.scheduler.EXIT_PREEMPTED
 
 _requeue() {
     # An array element is requeued on its own (SLURM_JOB_ID is the element's id).

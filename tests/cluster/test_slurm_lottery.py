@@ -8,7 +8,7 @@ import time
 import pytest
 
 from common.atomic import read_json
-from lottery.grid import done_ids, load_tasks
+from lottery.grid.plan import done_ids, load_tasks
 from tests.cluster.slurm_cluster import PYTHON, REPO
 from tests.lottery.workload import completed_executions, make_sleep_grid
 
@@ -77,7 +77,7 @@ def test_array_elements_share_the_grid(slurm, tmp_path):
 
 @pytest.fixture(scope="module")
 def dense_run(spark, tmp_path_factory):
-    from tests.lottery.test_preemption import digits_dense_run
+    from tests.lottery.grid.test_preemption import digits_dense_run
 
     return digits_dense_run(spark, tmp_path_factory.mktemp("slurm-preempt"))
 
@@ -88,7 +88,7 @@ def test_pre_timeout_signal_checkpoints_running_points_and_the_requeued_job_resu
     `scancel --signal=USR1 --batch`, as `--signal=B:USR1@120` would near the limit) reaches the
     batch shell, which TERMs mpiexec; the ranks save their last complete epoch and exit 75; the
     script requeues; the requeued job resumes those points and trains no epoch twice."""
-    from tests.lottery.test_preemption import EPOCHS, check_resumed, plan_points
+    from tests.lottery.grid.test_preemption import EPOCHS, check_resumed, plan_points
 
     grid = plan_points(dense_run, "0.5,0.8")
     ids = [t["task_id"] for t in load_tasks(grid.root)]

@@ -80,7 +80,7 @@ def test_the_whole_chain_succeeds_under_slurm(slurm, tmp_path, monkeypatch, spar
     from common.atomic import read_json
     from common.paths import GridPaths
     from etl.verify import verify_dataset
-    from lottery.grid import done_ids, load_tasks
+    from lottery.grid.plan import done_ids, load_tasks
 
     for key, value in slurm.env.items():
         monkeypatch.setenv(key, value)
@@ -111,7 +111,7 @@ def test_the_whole_chain_succeeds_under_slurm(slurm, tmp_path, monkeypatch, spar
     assert verify_dataset(dataset, spark=spark).ok
     run = Path((runs / ".pipeline" / "train.run").read_text().strip())
     assert run.parent == runs and (run / "_SUCCESS").is_file()
-    grid = GridPaths(Path((runs / ".pipeline" / "lottery.grid").read_text().strip()))
+    grid = GridPaths(Path((runs / ".pipeline" / "lottery.grid.plan").read_text().strip()))
     assert grid.root.parent == run
     ids = {t["task_id"] for t in load_tasks(grid.root)}
     assert len(ids) == 2 and done_ids(grid) == ids

@@ -18,10 +18,10 @@ import pytest
 keras = pytest.importorskip("keras")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 
-from lottery import masks
-from lottery.imp import run_imp
-from lottery.point import Recipe, retrain
-from lottery.stats import prunable_weights
+from lottery.prune import masks
+from lottery.points.imp import run_imp
+from lottery.points.oneshot import Recipe, retrain
+from lottery.prune.stats import prunable_weights
 
 SEED = 0
 EPOCHS = 10

@@ -59,7 +59,7 @@ def sleep_point(run_dir, grid_dir, task: dict, settings: dict) -> dict:
     time.sleep(float(task.get("duration", 0.0)))
     acc = expected_accuracy(task)
     epochs = int(task.get("epochs", 3))
-    # The result format of lottery.point.train_point: history as one row per epoch.
+    # The result format of lottery.points.oneshot.train_point: history as one row per epoch.
     history = [{"epoch": e + 1, "loss": round(1.0 / (e + 1), 6),
                 "val_accuracy": round(acc * (1 - math.exp(-(e + 1))), 6)} for e in range(epochs)]
     result = {"accuracy": acc, "loss": round(1 - acc, 6), "sparsity": task.get("sparsity"),
@@ -81,11 +81,11 @@ def sleep_point(run_dir, grid_dir, task: dict, settings: dict) -> dict:
 def make_sleep_grid(root, durations, name: str = "lottery-test", extra=None):
     """A planned grid of sleep points under root/dense-test/ (for tests and the benchmark).
 
-    Task i sleeps durations[i]; tasks are listed longest first, as `lottery.grid` plans them.
+    Task i sleeps durations[i]; tasks are listed longest first, as `lottery.grid.plan` plans them.
     `extra` maps task index -> extra fields (e.g. {3: {"kill_once": True}}).
     """
     from common.paths import GridPaths
-    from lottery.grid import write_plan
+    from lottery.grid.plan import write_plan
 
     grid = GridPaths(Path(root) / "dense-test" / name)
     grid.root.mkdir(parents=True, exist_ok=True)

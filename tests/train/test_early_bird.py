@@ -40,7 +40,7 @@ def _train(argv) -> DenseRunPaths:
 
 
 def _gammas(model) -> np.ndarray:
-    from lottery.early_bird import bn_gammas
+    from train.early_bird import bn_gammas
 
     return np.concatenate([np.abs(g.numpy()) for _, g in bn_gammas(model)])
 
@@ -73,7 +73,7 @@ def test_bad_early_bird_settings_fail_before_training(digits_dir, tmp_path, caps
 def test_preset_values_are_overridden_by_flags(digits_dir):
     import argparse
 
-    from bigticket.presets import preset
+    from common.presets import preset
     from train.cli import add_arguments, settings_from_args
 
     parser = argparse.ArgumentParser()
@@ -107,7 +107,7 @@ def test_new_fields_at_their_defaults_keep_old_run_identities(digits):
 def test_batchnorm_registry_matches_the_built_models():
     import keras
 
-    from lottery.early_bird import bn_layers
+    from train.early_bird import bn_layers
     from train.models import BATCHNORM_MODELS, MODELS, build_model
 
     small = {"mobilenet_v2": {"alpha": 0.35}, "conv_small": {"blocks": 1, "width": 0.125, "dense": 4},
@@ -145,7 +145,7 @@ def test_the_worker_model_path_carries_the_penalty_into_the_training_loss():
 
 
 def _gammas_layers(model):
-    from lottery.early_bird import bn_layers
+    from train.early_bird import bn_layers
 
     return bn_layers(model)
 
@@ -173,7 +173,7 @@ def test_bn_l1_shrinks_the_gammas_and_the_model_still_loads_with_safe_mode(bird_
 
 # ---------------------------------------------------------------------------------- Early-Bird
 def test_the_ticket_is_drawn_recorded_and_training_stops_there(bird_run):
-    from lottery.early_bird import hamming, read_masks
+    from train.early_bird import hamming, read_masks
     from train.run import read_history
 
     run, _ = bird_run
@@ -198,7 +198,7 @@ def test_the_ticket_is_drawn_recorded_and_training_stops_there(bird_run):
 
 
 def test_the_early_bird_checkpoint_holds_the_drawn_epoch_weights(bird_run):
-    from lottery.early_bird import bn_channel_mask, read_masks
+    from train.early_bird import bn_channel_mask, read_masks
     from train.checkpoints import load_checkpoint
 
     run, _ = bird_run
@@ -229,7 +229,7 @@ def test_a_finished_run_is_not_retrained(bird_run, digits_dir):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_the_detector_exactly(bird_run, digits_dir, tmp_path):
-    from lottery.early_bird import read_masks
+    from train.early_bird import read_masks
 
     run, _ = bird_run
     out = tmp_path / "runs"

@@ -6,7 +6,8 @@ import dataclasses
 import pytest
 
 from common.settings import SettingsError, make_settings
-from train.run import lr_at, run_hash
+from train.run import run_hash
+from train.schedules import lr_at
 from train.settings import DenseSettings
 
 

@@ -1,0 +1,35 @@
+"""Identifiers of a grid's tasks and masks, and the per-task seeds derived from them.
+
+Ids become file names (results/<task_id>.json, masks/<mask_id>.npz), so every id built here is a
+safe file name (common.paths.is_safe_name). Fractions enter ids as 4-digit tags: settings are
+validated with the same `fraction_tag`, so two values that would share a tag are refused early.
+"""
+from __future__ import annotations
+
+import zlib
+
+
+def fraction_tag(value: float) -> str:
+    """0.9 -> '9000': the fraction in ten-thousandths, as it appears in ids."""
+    return f"{int(round(value * 10000)):04d}"
+
+
+def mask_id(scope: str, kind: str, value: float) -> str:
+    """e.g. global-s9000 (sparsity 0.9), layer-q5000 (quantile 0.5)."""
+    return f"{scope}-{kind}{fraction_tag(value)}"
+
+
+def channel_mask_id(criterion: str, scope: str, ratio: float, draw: str, round_to: int = 1) -> str:
+    """e.g. channels-bn-global-c3000-10ep (30% of the channels, drawn at epoch 10); a rounded
+    mask adds its multiple: channels-l1-layer-c5000-r16-10ep."""
+    rounding = f"-r{round_to}" if round_to > 1 else ""
+    return f"channels-{criterion}-{scope}-c{fraction_tag(ratio)}{rounding}-{draw}"
+
+
+def random_mask_id(base: str, seed: int) -> str:
+    return f"{base}-random{seed}"
+
+
+def derived_seed(seed: int, name: str) -> int:
+    """A per-task seed that is stable across runs and machines (hash() is salted per process)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)

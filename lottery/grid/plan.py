@@ -1,0 +1,424 @@
+"""Planning a lottery grid: its directory, weight statistics, masks and the task list.
+
+`plan(run_dir, settings)` is idempotent: the grid directory is named by the hash of the resolved
+settings, every mask file is written only if missing, and `settings.json` (which holds the task
+list) is written last, so its presence means the plan is complete; planning again changes nothing.
+
+A task is one schedulable unit (lottery.points.task.Task, where its fields are described); the
+plan validates every task and refuses duplicate ids before it writes them. Tasks are ordered longest
+first (cost descending), then earliest rewind first, so a dynamic scheduler that hands them out in
+order finishes the long ones early.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from common.atomic import read_json, write_json
+from common.paths import DenseRunPaths, GridPaths, SUCCESS
+from common.settings import SCHEMA_VERSION, SettingsError, settings_hash, settings_to_dict
+from lottery.points.task import Task, TaskError
+from lottery.grid.ids import channel_mask_id, derived_seed, fraction_tag, mask_id, random_mask_id
+from lottery.grid.settings import EARLY_BIRD, GridSettings
+
+log = logging.getLogger(__name__)
+
+PLAN_KIND = "lottery-grid"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the grid needs to know about a finished dense run."""
+
+    paths: DenseRunPaths
+    epochs: int
+    saved_points: tuple[str, ...]          # checkpoint names: init, final, 3ep, ...
+    positions: Mapping[str, float]         # checkpoint name -> position in training (epochs)
+
+
+def _point_position(name: str, epochs: int, steps_per_epoch: int | None) -> float | None:
+    if name == "init":
+        return 0.0
+    if name == "final":
+        return float(epochs)
+    from train.checkpoints import RewindPoint
+
+    point = RewindPoint.parse(name)
+    if point.unit == "ep":
+        return float(point.count)
+    return None if not steps_per_epoch else point.count / steps_per_epoch
+
+
+def read_run(run_dir: str | os.PathLike) -> RunInfo:
+    """Check that `run_dir` is a finished dense run; its epochs and saved checkpoints."""
+    from train.checkpoints import list_checkpoints
+
+    run = DenseRunPaths(Path(run_dir))
+    if not run.settings.is_file():
+        raise SettingsError(f"--run {run.root}: not a dense run directory (no settings.json)")
+    if not run.success.is_file():
+        raise SettingsError(f"--run {run.root}: the dense run is not finished (no {SUCCESS})")
+    saved = read_json(run.settings)
+    dense = saved.get("settings", saved) if isinstance(saved, dict) else {}
+    epochs = dense.get("epochs") if isinstance(dense, dict) else None
+    if not isinstance(epochs, int) or epochs < 1:
+        raise SettingsError(f"{run.settings}: field settings.epochs is missing or invalid")
+    steps = saved.get("steps_per_epoch")
+    points = tuple(list_checkpoints(run))
+    if not points:
+        raise SettingsError(f"{run.checkpoints}: the dense run saved no checkpoints")
+    positions: dict[str, float] = {}
+    unknown = []
+    for name in points:
+        try:
+            pos = _point_position(name, epochs, steps if isinstance(steps, int) else None)
+        except ValueError:
+            continue  # a checkpoint name that is not a rewind point (never offered)
+        if pos is None:
+            unknown.append(name)
+        else:
+            positions[name] = pos
+    if unknown:
+        # Without steps per epoch an 'it' point cannot be compared with an 'ep' point; the
+        # checkpoint files were written in training order, so their mtimes order them.
+        log.warning("%s: no steps_per_epoch; ordering %s by checkpoint time", run.settings, unknown)
+        times = {n: run.checkpoint(n).stat().st_mtime_ns for n in points}
+        for name in unknown:
+            before = [positions[n] for n in positions if times[n] <= times[name]]
+            positions[name] = max(before, default=0.0) + 1e-6
+    return RunInfo(run, epochs, tuple(n for n in points if n in positions), positions)
+
+
+def resolve_settings(settings: GridSettings, run: RunInfo) -> GridSettings:
+    """Fill the defaults that come from the dense run; check rewinds and draw points against its
+    checkpoints (and its Early-Bird ticket, if the grid draws one)."""
+    for field, labels in (("rewind", settings.rewind), ("draw", settings.draw)):
+        for label in labels:
+            if label not in run.saved_points:
+                raise SettingsError(
+                    f"{field}: {label!r} is not a saved point of the dense run {run.paths.root} "
+                    f"(saved: {', '.join(run.saved_points)})")
+    if settings.early_bird:
+        early_bird_epoch(run)  # raises naming early_bird.json
+    if settings.epochs is None:
+        settings = dataclasses.replace(settings, epochs=run.epochs)
+    if settings.structured and settings.channel_scope is None:
+        settings = dataclasses.replace(settings, channel_scope=settings.resolved_channel_scope)
+    return settings
+
+
+def early_bird_epoch(run: RunInfo) -> int:
+    """The epoch at which the dense run drew its Early-Bird ticket; SettingsError naming
+    early_bird.json when the run has none (not trained with --early-bird, or never drawn)."""
+    path = run.paths.early_bird
+    if not path.is_file():
+        raise SettingsError(f"early_bird: {path} does not exist: the dense run {run.paths.root} was "
+                            f"not trained with --early-bird")
+    try:
+        record = read_json(path)
+    except (OSError, ValueError) as err:
+        raise SettingsError(f"early_bird: {path} is not readable ({err})") from None
+    if not isinstance(record, dict) or "drawn_epoch" not in record:
+        raise SettingsError(f"early_bird: {path}: field drawn_epoch is missing")
+    epoch = record["drawn_epoch"]
+    if epoch is None:
+        raise SettingsError(f"early_bird: {path}: no Early-Bird ticket was drawn (drawn_epoch is "
+                            f"null: the masks never settled within the run's epochs)")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 1 <= epoch <= run.epochs:
+        raise SettingsError(f"early_bird: {path}: field drawn_epoch is {epoch!r}, expected an "
+                            f"epoch in 1..{run.epochs}")
+    checkpoint = run.paths.checkpoint(EARLY_BIRD)
+    if record.get("checkpoint") != EARLY_BIRD or not checkpoint.is_file():
+        raise SettingsError(f"early_bird: {path} names checkpoint {record.get('checkpoint')!r}, "
+                            f"but {checkpoint} is missing")
+    return epoch
+
+
+# Fields of a structured grid. A grid without channel ratios leaves them out of its identity, so
+# magnitude grids planned before these fields existed keep their directory name and settings.json.
+STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "early_bird",
+                     "channel_round_to")
+
+
+def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a grid directory is named by and records in settings.json."""
+    values = dict(settings) if isinstance(settings, Mapping) else settings_to_dict(settings)
+    if values.get("channel_ratios") is None:
+        for field in STRUCTURED_FIELDS:
+            values.pop(field, None)
+    if values.get("channel_round_to") == 1:  # added later: grids planned before keep their names
+        values.pop("channel_round_to")
+    return values
+
+
+def grid_hash(settings: GridSettings) -> str:
+    """settings_hash of the grid's identity (see grid_identity)."""
+    values = settings_to_dict(settings)
+    identity = grid_identity(values)
+    return settings_hash(settings, omit={k: v for k, v in values.items() if k not in identity})
+
+
+def build_tasks(settings: GridSettings, positions: Mapping[str, float],
+                mask_sparsity: Mapping[str, float]) -> list[dict[str, Any]]:
+    """The deterministic task list of resolved settings (see the module docstring)."""
+    if settings.epochs is None:
+        raise ValueError("build_tasks needs resolved settings (epochs set)")
+    tasks: list[dict[str, Any]] = []
+    common = {"scope": settings.scope, "exclude": list(settings.exclude), "epochs": settings.epochs}
+    for kind, value in settings.thresholds:
+        mid = mask_id(settings.scope, kind, value)
+        threshold = {"kind": "sparsity" if kind == "s" else "quantile", "value": value}
+        for rewind in settings.rewind:
+            for control in ("none", *settings.controls):
+                task_id = f"oneshot-{mid}-{rewind}-{control}"
+                seed = derived_seed(settings.seed, task_id)
+                use_mask = mid
+                if control == "random_mask":
+                    use_mask = random_mask_id(mid, derived_seed(settings.seed, mid))
+                tasks.append({
+                    "task_id": task_id, "kind": "oneshot", "mask_id": use_mask,
+                    "base_mask_id": mid if control == "random_mask" else None,
+                    "rewind": rewind, "control": control, "threshold": threshold,
+                    "sparsity": float(mask_sparsity[use_mask]), "imp_rounds": 0, "imp_rate": 0.0,
+                    "seed": seed, "cost": float(settings.epochs), **common,
+                })
+    if settings.imp_rounds:
+        final_sparsity = 1.0 - (1.0 - settings.imp_rate) ** settings.imp_rounds
+        for rewind in settings.rewind:
+            task_id = (f"imp-{settings.scope}-r{settings.imp_rounds}-p{fraction_tag(settings.imp_rate)}"
+                       f"-{rewind}")
+            tasks.append({
+                "task_id": task_id, "kind": "imp", "mask_id": None, "base_mask_id": None,
+                "rewind": rewind, "control": "none", "threshold": None,
+                "sparsity": final_sparsity, "imp_rounds": settings.imp_rounds,
+                "imp_rate": settings.imp_rate, "seed": derived_seed(settings.seed, task_id),
+                "cost": float(settings.epochs * settings.imp_rounds), **common,
+            })
+    if settings.structured:
+        tasks += structured_tasks(settings, positions)
+    tasks.sort(key=lambda t: (-t["cost"], positions[t["rewind"]], t["task_id"]))
+    return tasks
+
+
+def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One task per (draw point, channel ratio) of resolved settings."""
+    scope = settings.resolved_channel_scope
+    tasks = []
+    for draw in settings.draw_points:
+        for ratio in settings.channel_ratios or ():
+            mid = channel_mask_id(settings.criterion, scope, ratio, draw, settings.channel_round_to)
+            task_id = "structured-" + mid.removeprefix("channels-")
+            tasks.append({
+                "task_id": task_id, "kind": "structured", "mask_id": mid, "base_mask_id": None,
+                "rewind": draw, "control": "none", "scope": scope, "threshold": None,
+                "sparsity": None, "ratio": ratio, "criterion": settings.criterion,
+                "draw_epoch": float(positions[draw]), "exclude": list(settings.exclude),
+                "epochs": settings.epochs, "imp_rounds": 0, "imp_rate": 0.0,
+                "seed": derived_seed(settings.seed, task_id), "cost": float(settings.epochs),
+                **({"round_to": settings.channel_round_to} if settings.channel_round_to > 1 else {}),
+            })
+    return tasks
+
+
+def load_final_weights(run: DenseRunPaths) -> dict[str, np.ndarray]:
+    """The prunable weights of the dense run's final checkpoint (imports TensorFlow)."""
+    from lottery.prune.stats import prunable_weights
+    from train.checkpoints import load_checkpoint
+
+    return prunable_weights(load_checkpoint(run.root, "final"))
+
+
+def _make_mask(weights: Mapping[str, np.ndarray], settings: GridSettings, kind: str, value: float):
+    from lottery.prune import masks
+
+    exclude = tuple(settings.exclude)
+    try:
+        if kind == "q":
+            return masks.mask_from_quantile(weights, value, scope=settings.scope, exclude=exclude)
+        if settings.scope == "global":
+            return masks.global_magnitude_mask(weights, value, exclude=exclude)
+        return masks.layerwise_magnitude_mask(weights, value, exclude=exclude)
+    except ValueError as err:  # e.g. an exclude pattern that matches no weight
+        raise SettingsError(f"exclude: {err}" if "exclude" in str(err) else str(err)) from None
+
+
+def _write_masks(grid: GridPaths, settings: GridSettings,
+                 weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """masks/<id>.npz for every threshold (and its random twin); returns id -> description."""
+    from lottery.prune import masks
+
+    described: dict[str, dict[str, Any]] = {}
+    for kind, value in settings.thresholds:
+        mid = mask_id(settings.scope, kind, value)
+        wanted = [(mid, None)]
+        if "random_mask" in settings.controls:
+            wanted.append((random_mask_id(mid, derived_seed(settings.seed, mid)), mid))
+        for this_id, base in wanted:
+            path = grid.mask(this_id)
+            if path.is_file():
+                mask, _meta = masks.load_mask(path)
+            elif base is None:
+                mask = _make_mask(weights, settings, kind, value)
+            else:
+                mask = masks.random_mask_like(masks.load_mask(grid.mask(base))[0],
+                                              seed=derived_seed(settings.seed, base))
+            real = masks.mask_sparsity(mask)
+            meta = {"mask_id": this_id, "scope": settings.scope, "exclude": list(settings.exclude),
+                    "threshold": {"kind": "sparsity" if kind == "s" else "quantile", "value": value},
+                    "random_of": base, "sparsity": real}
+            if not path.is_file():
+                masks.save_mask(path, mask, meta)
+            described[this_id] = {"file": str(path.relative_to(grid.root)), **meta}
+    return described
+
+
+def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
+                         positions: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """masks/<id>.npz: one structured mask per (draw point, channel ratio), drawn with
+    lottery.prune.channels.select_channels on that checkpoint's weights; returns id -> description."""
+    from lottery.prune import masks
+    from lottery.prune.channels import select_channels
+    from train.checkpoints import load_checkpoint
+
+    scope = settings.resolved_channel_scope
+    described: dict[str, dict[str, Any]] = {}
+    for draw in settings.draw_points:
+        wanted = [(ratio, channel_mask_id(settings.criterion, scope, ratio, draw,
+                                          settings.channel_round_to))
+                  for ratio in settings.channel_ratios or ()]
+        model = None
+        for ratio, mid in wanted:
+            path = grid.mask(mid)
+            if path.is_file():  # written by an earlier, interrupted plan: the same inputs
+                _mask, meta = masks.load_mask(path)
+            else:
+                if model is None:  # one load per checkpoint, and none when every mask exists
+                    model = load_checkpoint(run.paths.root, draw)
+                try:
+                    mask = select_channels(model, settings.criterion, ratio, scope=scope,
+                                           exclude=tuple(settings.exclude),
+                                           round_to=settings.channel_round_to)
+                except ValueError as err:  # criterion bn without BatchNorm, an exclude typo
+                    field = "exclude" if "exclude" in str(err) else "criterion"
+                    raise SettingsError(f"{field}: checkpoint {draw} of {run.paths.root}: "
+                                        f"{err}") from None
+                # select_channels' own record (criterion, ratio, scope, groups) plus the draw.
+                meta = {**mask.meta, "mask_id": mid, "draw": draw,
+                        "draw_epoch": float(positions[draw])}
+                masks.save_mask(path, mask, meta)
+            described[mid] = {"file": str(path.relative_to(grid.root)),
+                              **{k: meta.get(k) for k in ("mask_id", "kind", "criterion", "ratio",
+                                                          "scope", "draw", "draw_epoch", "exclude",
+                                                          "round_to")}}
+    return described
+
+
+def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
+         weights: Mapping[str, np.ndarray] | None = None) -> GridPaths:
+    """Write the grid directory of `settings` under the dense run `run_dir`; return its paths.
+
+    `weights` (prunable weights by name) defaults to the run's final checkpoint.
+    """
+    from lottery.prune.stats import weight_stats
+
+    run = read_run(run_dir)
+    resolved = resolve_settings(settings, run)
+    grid = GridPaths.under(run.paths, grid_hash(resolved))
+    if grid.settings.is_file():
+        existing = read_json(grid.settings)
+        if existing.get("settings") != grid_identity(resolved):
+            raise SettingsError(f"{grid.settings}: holds other settings than these (hash collision?)")
+        log.info("grid already planned: %s", grid.root)
+        return grid
+    grid.root.mkdir(parents=True, exist_ok=True)
+    positions = dict(run.positions)
+    if resolved.early_bird:
+        positions[EARLY_BIRD] = float(early_bird_epoch(run))
+    if weights is None:
+        weights = load_final_weights(run.paths)
+    if not grid.stats.is_file():
+        write_json(grid.stats, weight_stats(weights))
+    described = _write_masks(grid, resolved, weights)
+    sparsity = {k: float(v["sparsity"]["overall"] if isinstance(v["sparsity"], dict)
+                         else v["sparsity"]) for k, v in described.items()}
+    if resolved.structured:
+        described.update(_write_channel_masks(grid, resolved, run, positions))
+    tasks = _checked_tasks(build_tasks(resolved, positions, sparsity), where="plan")
+    write_json(grid.settings, {
+        "schema_version": SCHEMA_VERSION, "kind": PLAN_KIND, "hash": grid.root.name.split("-", 1)[1],
+        "settings": grid_identity(resolved),
+        "run": {"epochs": run.epochs, "saved_points": list(run.saved_points),
+                "positions": positions},
+        "masks": described, "tasks": [t.to_dict() for t in tasks],
+    })
+    log.info("planned %d tasks in %s", len(tasks), grid.root)
+    return grid
+
+
+def write_plan(grid: GridPaths, settings: Mapping[str, Any], tasks: Sequence[Task | Mapping[str, Any]],
+               extra: Mapping[str, Any] | None = None) -> GridPaths:
+    """Write a grid's settings.json with an explicit task list (for workloads planned elsewhere,
+    e.g. benchmarks of the scheduler). `plan` is the normal way to create a grid."""
+    checked = _checked_tasks(tasks, where="write_plan")
+    write_json(grid.settings, {"schema_version": SCHEMA_VERSION, "kind": PLAN_KIND,
+                               "settings": dict(settings), "tasks": [t.to_dict() for t in checked],
+                               **dict(extra or {})})
+    return grid
+
+
+def _checked_tasks(records: Sequence[Task | Mapping[str, Any]], *, where: str) -> list[Task]:
+    """Tasks validated (TaskError names the task and field) with unique ids."""
+    tasks = [r if isinstance(r, Task) else Task.from_dict(r) for r in records]
+    seen: set[str] = set()
+    for t in tasks:
+        if t.task_id in seen:
+            raise ValueError(f"{where}: task id {t.task_id!r} is planned twice")
+        seen.add(t.task_id)
+    return tasks
+
+
+def load_plan(grid_dir: str | os.PathLike) -> dict[str, Any]:
+    """The grid's settings.json; SettingsError naming the file if it is not a complete plan."""
+    grid = GridPaths(Path(grid_dir))
+    if not grid.settings.is_file():
+        raise SettingsError(f"--grid {grid.root}: not a planned lottery grid (no settings.json; "
+                            f"run `bigticket lottery plan` first)")
+    record = read_json(grid.settings)
+    if not isinstance(record, dict) or record.get("kind") != PLAN_KIND:
+        raise SettingsError(f"{grid.settings}: not a lottery grid plan (kind != {PLAN_KIND!r})")
+    if record.get("schema_version") != SCHEMA_VERSION:
+        raise SettingsError(f"{grid.settings}: schema_version {record.get('schema_version')} "
+                            f"is not {SCHEMA_VERSION}")
+    tasks = record.get("tasks")
+    if not isinstance(tasks, list):
+        raise SettingsError(f"{grid.settings}: field tasks is missing or not a list")
+    try:
+        record["tasks"] = _checked_tasks(tasks, where=str(grid.settings))
+    except (TaskError, ValueError) as err:
+        raise SettingsError(f"{grid.settings}: {err}") from None
+    return record
+
+
+def load_tasks(grid_dir: str | os.PathLike) -> list[Task]:
+    return load_plan(grid_dir)["tasks"]
+
+
+def done_ids(grid: GridPaths) -> set[str]:
+    """Task ids with a result file (hidden temporary files of atomic writes are not results)."""
+    if not grid.results.is_dir():
+        return set()
+    return {p.name[:-5] for p in grid.results.iterdir()
+            if p.name.endswith(".json") and not p.name.startswith(".")}
+
+
+def pending_tasks(grid: GridPaths, tasks: list[Task] | None = None) -> list[Task]:
+    """Tasks without a result, in plan order (longest first)."""
+    tasks = load_tasks(grid.root) if tasks is None else tasks
+    done = done_ids(grid)
+    return [t for t in tasks if t.task_id not in done]

@@ -1,0 +1,384 @@
+"""Training with a fixed pruning mask: pruned weights stay exactly zero for the whole run.
+
+The optimizer is wrapped (a subclass of its own class, built from its config) so that, inside the
+compiled train step, gradients of pruned weights are zeroed before the update and the weights are
+zeroed again after it. Momentum, Adam moments and weight decay therefore cannot revive a pruned
+weight, and there is no per-step Python work: the masking is element-wise ops in the same graph as
+the update. For the optimizers whose update of a weight is exactly zero when its gradient and its
+state entries are zero (zero_preserving_optimizers(): SGD with momentum/Nesterov/weight decay, the
+Adam family, RMSprop, Adagrad, Adadelta, Lion), the weight mask after the update cannot change
+anything and is skipped: the optimizer starts fresh, or from this point's own checkpoint, which was
+trained under the same mask, so its state is zero wherever the gradient always was. It was a sixth
+of the step of LeNet-300-100 without XLA. Other optimizers (Muon orthogonalises the whole update,
+Ftrl, schedule-free methods) keep it. Every epoch ends with a check that pruned weights are still
+zero.
+
+Preemption: `request_stop()` (the scheduler calls it on SLURM's pre-timeout signal) makes a running
+`train_masked` raise `Preempted` after the current batch. With an `EpochCheckpoint`, every complete
+epoch is saved first (model variables, optimizer state, history, epoch index), so a later call with
+the same checkpoint resumes at the next epoch instead of from scratch; the partly trained epoch is
+dropped. Each epoch then starts from a seed derived from (checkpoint seed, epoch), so a resumed run
+draws the same random numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from common.atomic import atomic_output, write_json
+from lottery.prune import masks as masks_mod
+from lottery.prune.stats import prunable_variables
+
+log = logging.getLogger(__name__)
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def check_mask(model, mask: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Variables of `model` that `mask` covers, after checking names and shapes (clear errors)."""
+    variables = prunable_variables(model)
+    unknown = sorted(set(mask) - set(variables))
+    if unknown:
+        raise ValueError(f"mask names weights the model does not have: {unknown[:5]}"
+                         f"{' ...' if len(unknown) > 5 else ''} (model has: {sorted(variables)[:5]} ...)")
+    for name, entry in mask.items():
+        masks_mod.expand(entry, tuple(variables[name].shape))  # raises naming both shapes
+    return {name: variables[name] for name in mask}
+
+
+def apply_mask(model, mask: Mapping[str, np.ndarray]) -> dict[str, int]:
+    """Zero the pruned weights of `model` in place; returns the non-zero count per masked weight."""
+    variables = check_mask(model, mask)
+    counts = {}
+    for name, var in variables.items():
+        value = np.asarray(var.numpy())
+        kept = np.where(masks_mod.expand(mask[name], value.shape), value, np.zeros((), value.dtype))
+        var.assign(kept)
+        counts[name] = int(np.count_nonzero(kept))
+    return counts
+
+
+def nonzero_counts(model, names=None) -> dict[str, int]:
+    variables = prunable_variables(model)
+    return {n: int(np.count_nonzero(variables[n].numpy())) for n in (names or variables)}
+
+
+def zero_preserving_optimizers() -> tuple[type, ...]:
+    """Keras optimizer classes (exactly these, not subclasses) whose update is zero wherever the
+    gradient and the optimizer state are zero, weight decay and momentum included."""
+    opts = _keras().optimizers
+    return (opts.SGD, opts.Adam, opts.AdamW, opts.Adamax, opts.Nadam, opts.RMSprop, opts.Adagrad,
+            opts.Adadelta, opts.Lion)
+
+
+class _MaskedOptimizerMixin:
+    """Mixed in front of a Keras optimizer class: masks gradients before, weights after the update
+    (the latter only where the class can move a weight whose gradient is zero)."""
+
+    _bt_masks: dict[str, Any]
+    _bt_mask_weights: bool = True
+
+    def apply(self, grads, trainable_variables=None):
+        ops = _keras().ops
+        variables = list(self._trainable_variables if trainable_variables is None else trainable_variables)
+        # A multiply by a 0/1 mask of the variable's dtype is one fused op per tensor; select with a
+        # fresh zeros tensor cost twice that, which showed on small, fast models.
+        masked_grads = []
+        for grad, var in zip(grads, variables):
+            m = self._bt_masks.get(var.path)
+            masked_grads.append(grad if grad is None or m is None else grad * ops.cast(m, grad.dtype))
+        super().apply(masked_grads, trainable_variables)
+        if not self._bt_mask_weights:
+            return
+        for var in variables:
+            m = self._bt_masks.get(var.path)
+            if m is not None:
+                var.assign(var.value * ops.cast(m, var.dtype))
+
+
+_MASKED_CLASSES: dict[type, type] = {}
+
+
+def masked_optimizer(optimizer, model, mask: Mapping[str, np.ndarray]):
+    """A fresh optimizer of the same class and config as `optimizer` that honours `mask` on `model`.
+
+    `optimizer` may be an optimizer instance or anything keras.optimizers.get accepts ('sgd', a config).
+    """
+    keras = _keras()
+    base = keras.optimizers.get(optimizer)
+    cls = type(base)
+    if issubclass(cls, _MaskedOptimizerMixin):
+        cls = cls.__bases__[1]  # re-wrapping: start from the original class
+    if cls not in _MASKED_CLASSES:
+        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedOptimizerMixin, cls),
+                                    {"_bt_mask_weights": cls not in zero_preserving_optimizers()})
+    wrapped = _MASKED_CLASSES[cls].from_config(base.get_config())
+    variables = check_mask(model, mask)
+    # Tensors captured by the compiled step (not rebuilt per step); paths identify the variables.
+    wrapped._bt_masks = {
+        var.path: keras.ops.convert_to_tensor(np.asarray(mask[name], dtype=var.dtype))
+        for name, var in variables.items()
+    }
+    return wrapped
+
+
+def reinitialize(model, seed: int) -> None:
+    """Fresh random initial weights for every layer (same architecture), drawn with `seed`.
+
+    Used by the random_reinit control. Layers whose initializers carry their own fixed seed would
+    redraw their original values, which would make the control meaningless: that is an error.
+    """
+    keras = _keras()
+    seeded = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for key, value in layer.get_config().items():
+            if key.endswith("_initializer") and isinstance(value, dict) \
+                    and (value.get("config") or {}).get("seed") is not None:
+                seeded.append(f"{layer.name}.{key}")
+    if seeded:
+        raise ValueError(f"random re-init would redraw the same weights: initializers with a fixed "
+                         f"seed in {seeded}")
+    keras.utils.set_random_seed(int(seed))
+    # from_config rebuilds the architecture with new variables (clone_model would also try to
+    # recompile with our masked optimizer class, which is not registered for deserialisation).
+    fresh = type(model).from_config(model.get_config())
+    model.set_weights(fresh.get_weights())
+
+
+# -- preemption: a cooperative stop, and the last complete epoch of a run ------------------------
+class Preempted(Exception):
+    """Training stopped on request; its last complete epoch is saved (when it had a checkpoint)."""
+
+
+_STOP = threading.Event()
+
+
+def request_stop() -> None:
+    """Ask running trainings to stop after their current batch (safe from a signal handler)."""
+    _STOP.set()
+
+
+def stop_requested() -> bool:
+    return _STOP.is_set()
+
+
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+STATE_FILE = "state.json"
+STATE_SCHEMA = 1
+MAX_STATE_JSON = 64 << 20        # state.json holds the history only: refuse anything larger
+_ARRAYS = re.compile(r"^epoch-\d{5}\.npz$")
+
+
+def mask_digest(mask: Mapping[str, np.ndarray]) -> str:
+    """A short fingerprint of a mask (names, shapes, bits): a saved epoch is only resumed under
+    the very mask it was trained with."""
+    h = hashlib.sha256()
+    for name in sorted(mask):
+        bits = np.asarray(mask[name], dtype=bool)
+        h.update(f"{name}:{bits.shape};".encode())
+        h.update(np.packbits(bits, axis=None).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _describe(variables) -> list[list]:
+    return [[v.path, list(v.shape)] for v in variables]
+
+
+def _shapes_of(described) -> list | None:
+    try:
+        return [list(shape) for _path, shape in described]
+    except (TypeError, ValueError):
+        return None
+
+
+class EpochCheckpoint:
+    """The last complete epoch of one training run, kept in `directory` (a grid point's
+    partial state, GridPaths.partial_state): `epoch-NNNNN.npz` (model and optimizer variables,
+    written atomically) and then `state.json` naming it (epoch index, history, variable list,
+    `key`). state.json is written last, so it always names a complete epoch.
+
+    `key` identifies the run (point label, IMP round, mask digest): state saved under another
+    key is ignored, never resumed. `seed`: each epoch starts from set_random_seed(seed + epoch).
+    """
+
+    def __init__(self, directory: str | Path, key: str, seed: int | None = None):
+        self.directory = Path(directory)
+        self.key = str(key)
+        self.seed = seed
+        self.resumed_from = 0   # epochs restored by the last load()
+
+    @property
+    def state_path(self) -> Path:
+        return self.directory / STATE_FILE
+
+    def _read_state(self) -> dict | None:
+        try:
+            size = self.state_path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size > MAX_STATE_JSON:
+            raise ValueError(f"{self.state_path}: {size} bytes, more than a partial state holds")
+        with open(self.state_path, "rb") as fh:
+            state = json.load(fh)
+        if not isinstance(state, dict) or state.get("schema_version") != STATE_SCHEMA:
+            raise ValueError(f"{self.state_path}: not a partial-state file of schema {STATE_SCHEMA}")
+        return state
+
+    def load(self, model, optimizer) -> tuple[int, dict[str, list[float]]] | None:
+        """Restore the saved epoch into the compiled `model` and its `optimizer`; returns
+        (epochs done, history), or None when there is nothing of this run to resume."""
+        self.resumed_from = 0
+        state = self._read_state()
+        if state is None:
+            return None
+        if state.get("key") != self.key:
+            log.warning("%s: saved for %r, not %r: starting from scratch", self.state_path,
+                        state.get("key"), self.key)
+            return None
+        name = str(state.get("arrays", ""))
+        if not _ARRAYS.match(name):  # a file name of our own making, never a path
+            raise ValueError(f"{self.state_path}: field arrays {name!r} is not an epoch file name")
+        optimizer.build(model.trainable_variables)
+        # Matched by order and shape: Keras numbers auto-named layers per process ("dense_3"),
+        # so paths of the same architecture may differ between the saving and the resuming run.
+        if (_shapes_of(state.get("model_variables")) != _shapes_of(_describe(model.variables))
+                or _shapes_of(state.get("optimizer_variables"))
+                != _shapes_of(_describe(optimizer.variables))):
+            log.warning("%s: saved variables do not match this model/optimizer: starting from "
+                        "scratch", self.state_path)
+            return None
+        with np.load(self.directory / name, allow_pickle=False) as arrays:
+            for i, var in enumerate(model.variables):
+                var.assign(arrays[f"m{i:05d}"])
+            for i, var in enumerate(optimizer.variables):
+                var.assign(arrays[f"o{i:05d}"])
+        history = {str(k): [float(x) for x in v] for k, v in state["history"].items()}
+        self.resumed_from = int(state["epochs_done"])
+        return self.resumed_from, history
+
+    def save(self, model, optimizer, epochs_done: int, history: Mapping[str, list[float]]) -> None:
+        name = f"epoch-{epochs_done:05d}.npz"
+        arrays = {f"m{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
+        arrays |= {f"o{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
+        with atomic_output(self.directory / name) as fh:
+            np.savez(fh, **arrays)
+        write_json(self.state_path, {
+            "schema_version": STATE_SCHEMA, "key": self.key, "epochs_done": int(epochs_done),
+            "arrays": name, "history": {k: list(v) for k, v in history.items()},
+            "model_variables": _describe(model.variables),
+            "optimizer_variables": _describe(optimizer.variables), "saved_at": time.time()})
+        for old in self.directory.glob("epoch-*.npz"):  # only the epoch state.json names
+            if old.name != name:
+                old.unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Forget the saved epoch (the run finished): state.json first, so no reader ever sees
+        a state naming a deleted file."""
+        self.state_path.unlink(missing_ok=True)
+        for old in self.directory.glob("epoch-*.npz"):
+            old.unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()
+        except OSError:
+            pass  # not empty (another key's leftovers) or already gone
+
+
+def _stop_callback():
+    keras = _keras()
+
+    class StopOnRequest(keras.callbacks.Callback):
+        """Checked after every batch: a stop request ends the epoch at once (it is dropped)."""
+
+        def on_train_batch_end(self, batch, logs=None):
+            if stop_requested():
+                raise Preempted("stop requested during an epoch")
+
+    return StopOnRequest()
+
+
+def _check_pruned_zero(model, mask: Mapping[str, np.ndarray], where: str) -> None:
+    """Raise if a pruned weight is non-zero (before a checkpoint could keep it)."""
+    revived = []
+    for name, var in check_mask(model, mask).items():
+        pruned = ~masks_mod.expand(mask[name], tuple(var.shape))
+        if np.count_nonzero(var.numpy()[pruned]):
+            revived.append(name)
+    if revived:
+        raise RuntimeError(f"{where}: pruned weights became non-zero during training in {revived}")
+
+
+def train_masked(model, mask: Mapping[str, np.ndarray], train_data, validation_data=None, *,
+                 optimizer, loss, epochs: int, metrics=("accuracy",),
+                 learning_rate: Callable[[int], float | None] | None = None,
+                 batch_size: int | None = None, label: str = "masked",
+                 checkpoint: EpochCheckpoint | None = None) -> dict[str, list[float]]:
+    """Apply `mask`, compile `model` with the masked optimizer and train `epochs` epochs.
+
+    `train_data`: (x, y) arrays, a dataset of (x, y) batches, or a callable epoch -> either (so a
+    run can reproduce the dense run's per-epoch shuffling). `learning_rate`: epoch -> rate (None
+    keeps the optimizer's), set between epochs as the dense driver does. One Keras fit per epoch:
+    the compiled step is traced once and reused. Returns the per-epoch history (Keras' metric
+    names plus 'lr' and 'time'). Raises RuntimeError if a pruned weight is non-zero after an epoch.
+
+    `checkpoint`: save every complete epoch there and resume from it (see EpochCheckpoint); it is
+    cleared when training completes. A stop request raises Preempted (module docstring).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    apply_mask(model, mask)
+    opt = masked_optimizer(optimizer, model, mask)
+    model.compile(optimizer=opt, loss=loss, metrics=list(metrics))
+    history: dict[str, list[float]] = {}
+    start = 0
+    if checkpoint is not None:
+        resumed = checkpoint.load(model, opt)
+        if resumed is not None:
+            start, history = resumed
+            log.info("%s resumed after epoch %d/%d from %s", label, start, epochs, checkpoint.directory)
+    if start > epochs:
+        raise ValueError(f"{checkpoint.state_path}: {start} epochs saved, more than the {epochs} asked for")
+    callbacks = [_stop_callback()]
+    for epoch in tqdm(range(start, epochs), desc=label, unit="epoch", initial=start, total=epochs,
+                      leave=False, disable=None):
+        if stop_requested():
+            raise Preempted(f"{label}: stop requested before epoch {epoch + 1}")
+        if checkpoint is not None and checkpoint.seed is not None:
+            # Each epoch's randomness (array shuffling, dropout draws) depends only on the epoch.
+            _keras().utils.set_random_seed((int(checkpoint.seed) * 100_003 + epoch) % 2**32)
+        lr = learning_rate(epoch) if learning_rate is not None else None
+        if lr is not None:
+            opt.learning_rate.assign(lr)
+        data = train_data(epoch) if callable(train_data) else train_data
+        x, y = data if isinstance(data, tuple) else (data, None)
+        t0 = time.perf_counter()
+        logs = model.fit(x, y, batch_size=batch_size, epochs=1, validation_data=validation_data,
+                         verbose=0, callbacks=callbacks).history
+        row = {k: float(v[-1]) for k, v in logs.items()}
+        row["lr"] = float(np.asarray(opt.learning_rate))
+        row["time"] = time.perf_counter() - t0
+        for key, value in row.items():
+            history.setdefault(key, []).append(value)
+        _check_pruned_zero(model, mask, f"{label} epoch {epoch + 1}")
+        if checkpoint is not None:
+            checkpoint.save(model, opt, epoch + 1, history)
+        log.info("%s epoch %d/%d (%.1fs) %s", label, epoch + 1, epochs, row["time"],
+                 " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items()) if k != "time"))
+    if checkpoint is not None:
+        checkpoint.clear()
+    return history

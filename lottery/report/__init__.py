@@ -1,0 +1,1 @@
+"""Reading a grid's results: tables, statistics, plots, progress and the report files."""

@@ -1,0 +1,1 @@
+"""The VAE neuron-pruning study: a side study with its own directory (`vae-<hash>/`)."""

@@ -1,0 +1,134 @@
+"""Reports of a finished grid: tables, report.md, plots; run on results of the sleep workload."""
+from __future__ import annotations
+
+import csv
+import functools
+
+import pytest
+
+from common.atomic import read_json
+from common.paths import DenseRunPaths, GridPaths
+from common.settings import make_settings, settings_to_dict
+from lottery.grid.plan import build_tasks, write_plan
+from lottery.report.build import accuracy_table, build_report, grid_progress, result_row
+from lottery.grid.scheduler import run_grid
+from lottery.grid.settings import GridSettings
+from tests.lottery.workload import expected_accuracy, sleep_point
+
+POSITIONS = {"init": 0.0, "1ep": 1.0, "final": 4.0}
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    """A grid as `plan` lays it out (sparsities x rewinds x controls, plus IMP chains), run to the
+    end in this process by the claims scheduler with the sleep workload."""
+    run = DenseRunPaths(tmp_path_factory.mktemp("runs") / "dense-feedbeef")
+    run.root.mkdir()
+    run.history.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n1,0.9,0.7,0.8,0.81\n"
+                           "2,0.5,0.9,0.4,0.93\n")
+    settings = make_settings(GridSettings, {"sparsities": [0.5, 0.8, 0.9, 0.95], "epochs": 4,
+                                            "rewind": ["final", "init", "1ep"],
+                                            "controls": ["random_reinit", "random_mask"],
+                                            "imp_rounds": 4, "imp_rate": 0.5})
+    sparsity = {}
+    for kind, value in settings.thresholds:
+        sparsity[f"global-s{int(round(value * 10000)):04d}"] = value
+    tasks = build_tasks(settings, POSITIONS, _RandomAware(sparsity))
+    grid = write_plan(GridPaths(run.root / "lottery-test"), settings_to_dict(settings), tasks,
+                      extra={"run": {"positions": POSITIONS}})
+    summary = run_grid(grid.root, execute=functools.partial(sleep_point, run.root, grid.root,
+                                                            settings=settings_to_dict(settings)))
+    assert len(summary.executed) == len(tasks) == 4 * 3 * 3 + 3
+    return grid
+
+
+class _RandomAware(dict):
+    """mask id -> sparsity, where a random twin has its base mask's sparsity."""
+
+    def __missing__(self, key):
+        return self[key.split("-random")[0]]
+
+
+def test_tables_have_one_row_per_point(finished_grid):
+    import pyarrow.parquet as pq
+
+    out = build_report(finished_grid.root)
+    table = pq.read_table(out["parquet"])
+    assert table.num_rows == 39
+    rows = table.to_pylist()
+    for row in rows:
+        task = read_json(finished_grid.result(row["task_id"]))["task"]
+        assert row["accuracy"] == pytest.approx(expected_accuracy(task))
+        assert row["remaining_fraction"] == pytest.approx(1 - row["sparsity"])
+    with open(out["csv"], newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert [r["task_id"] for r in csv_rows] == [r["task_id"] for r in rows]
+    assert out["dense_accuracy"] == pytest.approx(0.93)
+    # Magnitude points leave the structured columns empty (same schema for every grid).
+    assert all(row["params"] is None and row["speedup"] is None and row["criterion"] is None
+               for row in rows)
+    assert "## Structured pruning" not in out["report"].read_text() and out["structured_table"] == ""
+
+
+def test_report_table_rows_are_sparsities_and_columns_rewinds(finished_grid):
+    out = build_report(finished_grid.root)
+    text = out["report"].read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| sparsity"))
+    # Columns in training order of the rewind points, not in the order they were given.
+    assert header == "| sparsity | rewind init | rewind 1ep | rewind final |"
+    row90 = next(line for line in text.splitlines() if line.startswith("| 0.9000 |"))
+    cells = [c.strip() for c in row90.strip("|").split("|")]
+    want = expected_accuracy({"rewind": "1ep", "control": "none", "sparsity": 0.9})
+    reinit = expected_accuracy({"rewind": "1ep", "control": "random_reinit", "sparsity": 0.9})
+    assert cells[2].startswith(f"{want:.4f} (")
+    assert f"reinit {reinit:.4f}" in cells[2] and "rand-mask" in cells[2]
+    assert "dense accuracy: 0.9300" in text and "points finished: 39/39" in text
+    assert "## Iterative magnitude pruning" in text
+    assert text.count("| imp-global-r4-p5000-") == 12   # 3 chains x 4 rounds
+
+
+def test_plots_are_written_and_readable(finished_grid):
+    from PIL import Image
+
+    out = build_report(finished_grid.root)
+    names = sorted(p.name for p in out["plots"])
+    assert names == ["accuracy_vs_sparsity.png", "imp.png", "training_curves.png"]
+    for path in out["plots"]:
+        with Image.open(path) as img:
+            img.verify()
+            assert img.format == "PNG" and img.size[0] > 500 and img.size[1] > 300
+
+
+def test_partial_grid_and_bad_result_files(finished_grid, tmp_path):
+    import shutil
+
+    grid = GridPaths(tmp_path / "dense-x" / "lottery-copy")
+    shutil.copytree(finished_grid.root, grid.root)
+    for p in list(grid.results.iterdir())[:30]:
+        p.unlink()
+    (grid.results / "p-bogus.json").write_text("{not json")
+    out = build_report(grid.root)
+    assert out["rows"] == 9 and out["total"] == 39
+    assert out["dense_accuracy"] is None  # no history.csv beside this copy
+    progress = grid_progress(grid.root)
+    assert progress["done"] == 9 and progress["pending"] == 30 and progress["eta_seconds"] is not None
+
+
+def test_quantile_rows_are_labelled_with_the_quantile():
+    record = {"task_id": "t", "task": {"kind": "oneshot", "rewind": "init", "control": "none",
+                                       "threshold": {"kind": "quantile", "value": 0.5}, "sparsity": 0.48},
+              "result": {"accuracy": 0.9, "sparsity": 0.4812}}
+    row = result_row(record)
+    assert row["sparsity"] == 0.4812 and row["target_sparsity"] == 0.48
+    assert "| 0.4812 (q 0.5) | 0.9000 |" in accuracy_table([row], ["init"])
+
+
+def test_bigticket_report_prints_the_table_and_plot_paths(finished_grid, capsys):
+    from bigticket.cli import main
+
+    assert main(["report", str(finished_grid.root)]) == 0
+    out = capsys.readouterr().out
+    assert "| sparsity | rewind init | rewind 1ep | rewind final |" in out
+    assert str(finished_grid.plots / "accuracy_vs_sparsity.png") in out
+    assert str(finished_grid.report) in out
+    assert main(["report", str(finished_grid.root / "missing")]) == 2
