@@ -64,7 +64,7 @@ if str(REPO) not in sys.path:
 from common.atomic import write_json  # noqa: E402
 from common.logs import setup_logging  # noqa: E402
 from etl.images import ImageLimits, ResizePolicy, process_image  # noqa: E402
-from tests.etl.corpus import photo_variants  # noqa: E402
+from etl.samples import photo_variants  # noqa: E402
 
 log = logging.getLogger("bench.etl_throughput")
 

@@ -30,16 +30,22 @@ import functools
 import json
 import logging
 import shutil
+import sys
+import zipimport
 from typing import Any, Iterable, Iterator
 
 from common.atomic import read_json, write_json, write_text
 from common.paths import DatasetPaths
 from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
+from common.spark import get_spark
 from etl import faults
 from etl.images import ImageLimits, ResizePolicy, process_image
-from etl.records import ClassInfo, ImageRow, InputRecord, QuarantineEntry, Rejected, SPLITS
+from etl.manifest import load_manifest, validate_manifest
+from etl.records import SPLITS, ClassInfo, ImageRow, InputRecord, QuarantineEntry, Rejected
 from etl.settings import EtlSettings
+from etl.shard_writer import clean_stale_temps, write_shard
 from etl.sharding import order_key, shard_of
+from etl.sources.registry import make_source
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +83,6 @@ def _trim_import_caches() -> None:
     puts on the workers' PYTHONPATH. Measured: about 0.1 CPU-second per task, more than the task
     itself for a small shard. Modules already imported stay imported; only the finders go.
     """
-    import sys
-    import zipimport
-
     cache = sys.path_importer_cache
     for path in [p for p, finder in cache.items() if isinstance(finder, zipimport.zipimporter)]:
         cache.pop(path, None)
@@ -205,8 +208,6 @@ class _ImageJob:
 def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str, ...],
                      dataset_id: str, job: _ImageJob, partition: int,
                      items: Iterator) -> Iterator[str]:
-    from etl.shard_writer import write_shard
-
     _trim_import_caches()
     faults.maybe_fail("write")
     slot = slot_table[partition]
@@ -245,8 +246,6 @@ def _write_partition(root: str, slot_table: list[_ShardSlot], formats: tuple[str
 def _existing_dataset(paths: DatasetPaths, dataset_id: str) -> dict | None:
     """The manifest of a finished identical dataset, or None; refuses to mix different settings."""
     if paths.success.exists():
-        from etl.manifest import load_manifest
-
         manifest = load_manifest(paths.root)
         if manifest.get("settings_hash") != dataset_id:
             raise EtlError(f"{paths.root} already holds a different dataset (settings hash "
@@ -325,10 +324,6 @@ def _enumerate_and_count(sc, source, units: list, slot_table: list[_ShardSlot], 
 
 def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dict:
     """Run (or finish, or skip) the ETL job; returns the dataset's manifest."""
-    from etl.manifest import validate_manifest
-    from etl.shard_writer import clean_stale_temps
-    from etl.sources import make_source
-
     paths = DatasetPaths(settings.out)
     dataset_id = dataset_hash(settings)
     finished = _existing_dataset(paths, dataset_id)
@@ -346,8 +341,6 @@ def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dic
     log.info("source %s: %d classes, %d units of work", settings.source, len(classes), len(units))
 
     if spark is None:
-        from common.spark import get_spark
-
         spark = get_spark("bigticket-etl", master)
     slot_table = _slot_table(settings, list(SPLITS))
     shuffled, inputs = _enumerate_and_count(spark.sparkContext, source, units, slot_table,

@@ -70,12 +70,6 @@ def _bytes_feature(values: list[bytes]) -> bytes:
     return _len_field(1, inner)
 
 
-def _float_feature(values: list[float]) -> bytes:
-    # Feature.float_list = 2; FloatList.value = 1 [packed]; empty packed fields are omitted
-    inner = _len_field(1, struct.pack(f"<{len(values)}f", *values)) if values else b""
-    return _len_field(2, inner)
-
-
 def _int64_feature(values: list[int]) -> bytes:
     # Feature.int64_list = 3; Int64List.value = 1 [packed]
     inner = _len_field(1, b"".join(_varint(v) for v in values)) if values else b""

@@ -22,7 +22,11 @@ from typing import Any, Iterator
 from PIL import Image
 
 from common.paths import DatasetPaths
+from common.spark import get_spark
 from etl.manifest import DatasetError, manifest_problems, read_manifest_json
+from etl.parquet_io import COLUMNS, ParquetShardError, iter_parquet, open_parquet
+from etl.shard_writer import is_shard_temp
+from etl.tfrecord import CorruptRecordError, ProtoDecodeError, decode_example, iter_records
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +130,6 @@ def _first(values: list, kind: type) -> Any:
 
 
 def _check_tfrecord(reader: "_HashingReader", manifest: dict, problems: _Problems) -> int:
-    from etl.tfrecord import CorruptRecordError, ProtoDecodeError, decode_example, iter_records
-
     offset = manifest["tfrecord_label_offset"]
     classes = manifest["classes"]
     n = 0
@@ -165,8 +167,6 @@ def _check_tfrecord(reader: "_HashingReader", manifest: dict, problems: _Problem
 
 
 def _check_parquet(path: Path, manifest: dict, expected: int, problems: _Problems) -> int:
-    from etl.parquet_io import COLUMNS, ParquetShardError, iter_parquet, open_parquet
-
     classes = manifest["classes"]
     try:
         pf = open_parquet(path)
@@ -304,8 +304,6 @@ def _check_quarantine(paths: DatasetPaths, manifest: dict, problems: list[str]) 
 
 
 def _unlisted_files(paths: DatasetPaths, manifest: dict, report: VerifyReport) -> None:
-    from etl.shard_writer import is_shard_temp
-
     listed = {e["file"] for info in manifest["splits"].values() for e in info["shards"]}
     for split in manifest["splits"]:
         split_dir = paths.split_dir(split)
@@ -322,8 +320,6 @@ def _unlisted_files(paths: DatasetPaths, manifest: dict, report: VerifyReport) -
 def _run_shards(root: str, entries: list[dict], manifest: dict, master: str | None,
                 spark) -> Iterator[tuple[list[str], int]]:
     if spark is None:
-        from common.spark import get_spark
-
         spark = get_spark("bigticket-etl-verify", master=master)
     sc = spark.sparkContext
     shared = sc.broadcast(manifest)  # classes can be large; ship them once per executor

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from common.atomic import read_json, write_json
@@ -46,7 +47,7 @@ def split_indices(labels: np.ndarray, seed: int, validation_fraction: float) -> 
 
 def write_tree(root: Path, seed: int, validation_fraction: float) -> Path:
     """Write the digits tree at `root` unless a complete one for these settings is there."""
-    from PIL import Image
+    # scikit-learn takes ~1 s to import; only this source, and only on the driver, needs it.
     from sklearn.datasets import load_digits
 
     expected = {"version": TREE_VERSION, "seed": seed, "validation_fraction": validation_fraction}

@@ -57,7 +57,7 @@ class Downloader:
 
     def fetch(self, url: str) -> bytes:
         """The body of `url`; Rejected('download_error' | 'too_large', detail) on failure."""
-        for hop in range(self.max_redirects + 1):
+        for _hop in range(self.max_redirects + 1):
             status, location, body = self._with_retries(url)
             if status not in REDIRECTS:
                 return body

@@ -6,15 +6,15 @@ NumPy; scikit-learn is located on disk, never imported (it is slow to import).
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import zlib
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
+
+from etl.samples import photo_variants, sample_photos  # noqa: F401  (re-exported for the tests)
 
 # Byte cap a job over the bad corpus should use: every file but the oversized one fits under it.
 CORPUS_MAX_BYTES = 300_000
@@ -25,15 +25,6 @@ GRAY16_LEVELS = (40000, 10000)       # left / right half of the 16-bit grey PNG
 RGB16_COLOUR = (40000, 10000, 60000)  # every pixel of the 16-bit RGB PNG
 PALETTE_BLUE = (0, 0, 255)           # opaque half of the palette PNG; the other half is transparent
 RGBA_HALF_RED = (255, 0, 0, 128)     # half-transparent red (composited on white: ~(255, 127, 127))
-
-
-def sample_photos() -> list[bytes]:
-    """china.jpg and flower.jpg from scikit-learn: real camera JPEGs, 640x427 each."""
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("scikit-learn is not installed: its sample photos are needed")
-    images = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "images"
-    return [(images / name).read_bytes() for name in ("china.jpg", "flower.jpg")]
 
 
 def photo_array(index: int = 0, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -178,27 +169,3 @@ def write_bad_corpus(directory: Path, max_bytes: int = CORPUS_MAX_BYTES,
         (directory / name).write_bytes(data)
         expected[name] = reason
     return expected
-
-
-def photo_variants(count: int, seed: int = 0, size: tuple[int, int] = (500, 375),
-                   quality: int = 90) -> Iterator[bytes]:
-    """`count` ImageNet-like JPEGs of `size`: seeded random crops, scales and flips of the photos."""
-    rng = np.random.default_rng(seed)
-    photos = []
-    for data in sample_photos():
-        with Image.open(io.BytesIO(data)) as image:
-            photos.append(image.convert("RGB"))
-    out_w, out_h = size
-    for _ in range(count):
-        photo = photos[int(rng.integers(len(photos)))]
-        # A crop of 60-100% of the photo with the output's aspect ratio, scaled to `size`.
-        frac = rng.uniform(0.6, 1.0)
-        crop_h = min(photo.height, int(photo.width * out_h / out_w)) * frac
-        crop_w = crop_h * out_w / out_h
-        left = rng.uniform(0, photo.width - crop_w)
-        top = rng.uniform(0, photo.height - crop_h)
-        image = photo.resize(size, Image.Resampling.BICUBIC,
-                             box=(left, top, left + crop_w, top + crop_h))
-        if rng.integers(2):
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        yield _save(image, "JPEG", quality=quality)

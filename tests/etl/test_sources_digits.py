@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 import tests.etl.test_sources_folder as folder_tests
 from common.settings import make_settings
 from etl.settings import EtlSettings
-from etl.sources import make_source
+from etl.sources.registry import make_source
 from etl.sources.cifar import CifarSource
 from etl.sources.digits import MARKER, DigitsSource, cache_dir
 from etl.sources.folder import FolderSource
