@@ -7,7 +7,7 @@ DEMO_DIR ?= demo-output
 EARLY_BIRD ?=
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean-demo venv pyfiles
+.PHONY: demo test lint bench clean-demo venv pyfiles
 
 venv: $(STAMP)
 
@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(BIN)/bigticket demo --out $(DEMO_DIR) $(if $(EARLY_BIRD),--early-bird,)
 
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
 # pytest exits 5 when it collected no test: that is a failure here, never a pass.
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
