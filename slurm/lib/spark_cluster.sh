@@ -2,6 +2,8 @@
 #
 #   spark_cluster_start    master on the first node, one worker per node (srun), waits for them
 #   spark_submit ARGS...   spark-submit against that master with the job's security settings
+#   SPARK_SUBMIT           that spark-submit command as an array, for wrappers such as
+#                          run_saving_path "${SPARK_SUBMIT[@]}" ARGS... (dry runs print it whole)
 #   spark_cluster_stop     stops exactly the processes started here (installed as an EXIT trap)
 #
 # Settings (environment, defaults below): SPARK_MASTER_PORT, SPARK_WORKER_MEMORY, SPARK_SCRATCH
@@ -92,6 +94,7 @@ spark_cluster_start() {
     SPARK_MASTER_HOST=$(node_addr "$first")
     SPARK_MASTER_URL="spark://$SPARK_MASTER_HOST:$SPARK_MASTER_PORT"
     SPARK_PROPS="$SPARK_JOB_DIR/spark.properties"
+    SPARK_SUBMIT=("$SPARK_HOME/bin/spark-submit" --master "$SPARK_MASTER_URL" --properties-file "$SPARK_PROPS")
     # The driver runs here, on the first node: bind it (and its scratch) like the daemons.
     export SPARK_LOCAL_IP="$SPARK_MASTER_HOST"
     export SPARK_LOCAL_DIRS="$SPARK_SCRATCH/bigticket-spark-$JOB_ID"
@@ -130,8 +133,7 @@ spark_cluster_start() {
 }
 
 spark_submit() {
-    run "$SPARK_HOME/bin/spark-submit" --master "$SPARK_MASTER_URL" --properties-file "$SPARK_PROPS" \
-        "$@"
+    run "${SPARK_SUBMIT[@]}" "$@"
 }
 
 spark_cluster_stop() {

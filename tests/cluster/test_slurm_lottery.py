@@ -9,18 +9,18 @@ import pytest
 
 from common.atomic import read_json
 from lottery.grid.plan import done_ids, load_tasks
+from lottery.grid.simulate import EXECUTOR, completed_executions, make_sleep_grid
 from tests.cluster.slurm_cluster import PYTHON, REPO
-from tests.lottery.workload import completed_executions, make_sleep_grid
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-WORKLOAD = "tests.lottery.workload:sleep_point"
+WORKLOAD = EXECUTOR
 # The test cluster has no GPUs: the scripts' --gpus-per-node/--gpus are overridden on sbatch's line.
 JOB_ENV = {"PYTHONPATH": str(REPO), "PYTHON": str(PYTHON)}
 
 
 def assert_complete_once(grid):
-    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    ids = {t.task_id for t in load_tasks(grid.root)}
     assert done_ids(grid) == ids
     assert completed_executions(grid.root) == {i: 1 for i in ids}
     for task_id in ids:
@@ -91,7 +91,7 @@ def test_pre_timeout_signal_checkpoints_running_points_and_the_requeued_job_resu
     from tests.lottery.grid.test_preemption import EPOCHS, check_resumed, plan_points
 
     grid = plan_points(dense_run, "0.5,0.8")
-    ids = [t["task_id"] for t in load_tasks(grid.root)]
+    ids = [t.task_id for t in load_tasks(grid.root)]
     done = slurm.sbatch(["--parsable", "--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2",
                          "--cpus-per-task=1", "--output", str(tmp_path / "job-%j.out"),
                          str(REPO / "slurm" / "lottery_mpi.sbatch"), str(grid.root)],
@@ -122,3 +122,16 @@ def test_pre_timeout_signal_checkpoints_running_points_and_the_requeued_job_resu
     assert "launcher exited with status 75" in log and "restart count 1" in log, log[-3000:]
     check_resumed(grid, {t: None for t in ids}, log)
     assert EPOCHS == len(read_json(grid.result(ids[0]))["result"]["history"])
+
+
+def test_array_dry_run_outside_an_array_job_shows_element_0(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(PYTHON), "BIGTICKET_HOME": str(REPO)}
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+        env.pop(name, None)
+    done = subprocess.run(["bash", str(REPO / "slurm" / "lottery_array.sbatch"), str(tmp_path / "g")],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"+ {PYTHON} -m lottery run --grid {tmp_path / 'g'} --array-index 0 --array-count 8 "
+        "--stale-after 120 &"]
+    assert "not a job-array element: showing element 0 of 8" in done.stderr

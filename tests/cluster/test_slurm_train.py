@@ -83,3 +83,22 @@ def test_elephas_dry_run_asks_for_gpus_on_gpu_nodes(tmp_path):
     assert "GPU resources: 4 per worker and executor, 1 per task" in done.stdout
     assert str(REPO / "train" / "gpu_discovery.sh") in done.stdout
     assert "train dense --engine elephas --workers 4 --data d" in done.stdout  # 1 node x 4 GPUs
+
+
+def test_elephas_dry_run_prints_the_spark_submit_line(tmp_path):
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": str(PYTHON), "BIGTICKET_HOME": str(REPO),
+           "GPUS_PER_NODE": "0", "SPARK_JOB_DIR": str(tmp_path / "job"), "SPARK_MASTER_PORT": "7077",
+           "RESULT_FILE": str(tmp_path / "run.txt")}
+    env.pop("SLURM_JOB_ID", None)
+    done = subprocess.run(["bash", str(REPO / "slurm" / "train_elephas.sbatch"), "--data", "d",
+                           "--model", "resnet20", "--out", "runs"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    submit = [line for line in done.stdout.splitlines() if "train dense" in line]
+    assert len(submit) == 1, done.stdout
+    assert submit[0].startswith("+ ") and submit[0].split()[1].endswith("/bin/spark-submit"), submit
+    assert ":7077 --properties-file " + str(tmp_path / "job" / "spark.properties") in submit[0]
+    assert submit[0].endswith(f"{REPO}/bigticket/__main__.py train dense --engine elephas "
+                              "--data d --model resnet20 --out runs")
+    assert f"+ (last output line saved to {tmp_path / 'run.txt'})" in done.stdout
+    assert not (tmp_path / "job").exists() and not (tmp_path / "run.txt").exists()
