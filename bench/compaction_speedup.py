@@ -1,6 +1,6 @@
 """Inference speed-up of compacted (channel-pruned) models vs dense on CPU, next to the FLOP reduction.
 
-Issue 6 target: at channel ratio 0.5 the measured speed-up is at least 0.7x the FLOP reduction ratio
+Target: at channel ratio 0.5 the measured speed-up is at least 0.7x the FLOP reduction ratio
 (dense FLOPs / compact FLOPs). For each model and ratio (criterion l1, layer scope) the dense and
 the compacted models are timed in the same run, interleaved (the order rotates each repeat),
 `--repeats` times; each measurement is the median step time of a `--seconds` window and the
@@ -59,10 +59,10 @@ def flops_by_kind(model) -> dict[str, int]:
     import keras
 
     from lottery.prune.compaction import layer_flops
-    from lottery.prune.channels import flat_nodes
+    from lottery.prune.keras_graph import walk_calls
 
     out = {"conv": 0, "pointwise": 0, "depthwise": 0, "dense": 0}
-    for layer, ins, outs in flat_nodes(model):
+    for layer, ins, outs in walk_calls(model):
         f = layer_flops(layer, ins, outs)
         if not f:
             continue
@@ -94,10 +94,10 @@ def lane_padded_flops(model, lanes: int) -> int:
     16-lane CPU. The speed-up can follow the ratio of these counts at best, not the plain FLOP ratio.
     """
     from lottery.prune.compaction import layer_flops
-    from lottery.prune.channels import flat_nodes
+    from lottery.prune.keras_graph import walk_calls
 
     total = 0
-    for layer, ins, outs in flat_nodes(model):
+    for layer, ins, outs in walk_calls(model):
         f = layer_flops(layer, ins, outs)
         if f:
             channels = int(outs[0].shape[-1])
@@ -118,8 +118,8 @@ def conv_efficiency(batch: int, seconds: float, widths=(4, 8, 16, 32, 64), sizes
     """
     import keras
 
-    from lottery.prune.compaction import model_flops
     from lottery.points.inference import LiteRTModel, inference_rate
+    from lottery.prune.compaction import model_flops
 
     L = keras.layers
     rows = []
@@ -164,8 +164,8 @@ def _export(model, fold: bool, xla: bool, litert: bool, batch: int):
     has its own step."""
     import keras
 
-    from lottery.prune.compaction import fold_batchnorm
     from lottery.points.inference import LiteRTModel
+    from lottery.prune.compaction import fold_batchnorm
 
     if litert:
         return LiteRTModel(fold_batchnorm(model) if fold else model, batch)
@@ -182,9 +182,9 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             seconds: float, repeats: int, clock: str = "wall", threads: int = 0, lanes: int = 16) -> list[dict]:
     import keras
 
-    from lottery.prune.compaction import compact, model_cost
     from lottery.points.inference import inference_rate
-    from lottery.prune.channels import select_channels
+    from lottery.prune.channel_masks import select_channels
+    from lottery.prune.compaction import compact, model_cost
     from train.models import build_model
 
     keras.utils.set_random_seed(0)
@@ -222,12 +222,14 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
             lane_flop_ratio = dense_lane_flops / small_lane_flops
             row = {
                 "model": name, "input": size, "options": options, "ratio": ratio, "criterion": "l1",
-                "scope": "layer", "batch": batch, "clock": clock, "variant": v["name"], "fold": v["fold"], "xla": v["xla"],
+                "scope": "layer", "batch": batch, "clock": clock, "variant": v["name"], "fold": v["fold"],
+                "xla": v["xla"],
                 "litert": v["litert"],
                 "round_to": v["round_to"], "dense": dense_cost, "compact": small_cost,
                 "dense_flops_by_kind": dense_kinds, "compact_flops_by_kind": small_kinds,
                 "flop_ratio": flop_ratio, "lanes": lanes, "lane_flop_ratio": lane_flop_ratio,
-                "speedup_per_lane_flop_ratio": c / d / lane_flop_ratio, "param_ratio": dense_cost["params"] / small_cost["params"],
+                "speedup_per_lane_flop_ratio": c / d / lane_flop_ratio,
+                "param_ratio": dense_cost["params"] / small_cost["params"],
                 "dense_images_s": d, "compact_images_s": c, "dense_images_s_all": rates[dk],
                 "compact_images_s_all": rates[ck], "speedup": c / d, "speedup_per_flop_ratio": c / d / flop_ratio,
                 # Median of the per-repeat ratios (each pair measured close in time): a check on the
@@ -244,7 +246,8 @@ def measure(name: str, size: int, options: dict, ratios: list[float], variants: 
 
 
 def _table(rows: list[dict]) -> str:
-    head = (f"{'model':<14}{'ratio':>6}{'variant':>15}{'params dense->compact':>24}{'MFLOPs':>10}{'FLOP x':>8}{'dense img/s':>13}"
+    head = (f"{'model':<14}{'ratio':>6}{'variant':>15}{'params dense->compact':>24}{'MFLOPs':>10}{'FLOP x':>8}"
+            f"{'dense img/s':>13}"
             f"{'compact img/s':>15}{'speed-up':>10}{'paired':>8}{'s-u/FLOP':>10}{'lane x':>8}{'s-u/lane':>10}  target")
     lines = [head]
     for r in rows:
@@ -276,7 +279,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="TF intra-op and LiteRT interpreter threads for both arms (0: every core)")
     parser.add_argument("--lanes", type=int, default=0,
-                        help="float32 vector lanes for the 'lane x' column (0: this CPU's: 16 with AVX-512, 8 with AVX)")
+                        help="float32 vector lanes for the 'lane x' column "
+                             "(0: this CPU's: 16 with AVX-512, 8 with AVX)")
     parser.add_argument("--explain", action="store_true",
                         help="also measure 3x3 conv multiply-adds/s by channel width (why speed-up < FLOP ratio)")
     parser.add_argument("--note", default="", help="recorded in the JSON (e.g. whether the machine was quiet)")

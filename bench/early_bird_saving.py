@@ -1,4 +1,4 @@
-"""Early-Bird saving (issue 6, performance): dense epochs run until the Early-Bird ticket is drawn
+"""Early-Bird saving: dense epochs run until the Early-Bird ticket is drawn
 vs the full schedule, and the wall time of both; prints a table, writes
 bench/results/early_bird_saving.json.
 
@@ -47,7 +47,7 @@ def _bigticket(*args: str) -> tuple[str, float]:
 
 def _outcome(run_dir: Path, wall: float) -> dict:
     from common.paths import DenseRunPaths
-    from train.run import read_history
+    from train.run_files import read_history
 
     run = DenseRunPaths(run_dir)
     history = read_history(run)

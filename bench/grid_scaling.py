@@ -1,6 +1,6 @@
 """Scaling of the lottery-grid scheduler: makespan vs ideal on 1, 2 and 4 MPI ranks (real mpiexec).
 
-The points sleep for uneven, known durations (the scheduler test workload), so the numbers measure
+The points sleep for uneven, known durations (lottery.grid.simulate), so the numbers measure
 scheduling, not training. The plan orders points by ESTIMATED cost, and the estimate is off by up
 to +-40% as real estimates are; dynamic hand-out and static striding run the same grid.
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from common.atomic import read_json, write_json  # noqa: E402
 from lottery.grid.plan import load_tasks  # noqa: E402
-from tests.lottery.workload import make_sleep_grid  # noqa: E402
+from lottery.grid.simulate import EXECUTOR, make_sleep_grid  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "grid_scaling.json"
 
@@ -46,21 +46,14 @@ def durations_and_estimates(points: int, mean: float, seed: int) -> tuple[list[f
 
 def run_once(base: Path, durations, estimates, ranks: int, strategy: str, coordinator_only: bool) -> dict:
     root = base / f"{strategy}-{ranks}-{'coord' if coordinator_only else 'work'}"
-    grid = make_sleep_grid(root, durations)
-    # Re-plan with the estimates as costs, longest estimated first (what lottery.grid.plan does).
-    tasks = load_tasks(grid.root)
-    for t in tasks:
-        t["cost"] = estimates[int(t["task_id"][1:])]
-    tasks.sort(key=lambda t: (-t["cost"], t["task_id"]))
-    record = read_json(grid.settings)
-    record["tasks"] = tasks
-    write_json(grid.settings, record)
+    # The plan orders by the estimates, longest estimated first (what lottery.grid.plan does).
+    grid = make_sleep_grid(root, durations, costs=estimates)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "SLURM_"))}
     env["PYTHONPATH"] = str(REPO)
     env["BIGTICKET_LOG_LEVEL"] = "WARNING"
     cmd = [str(Path(sys.executable).parent / "mpiexec"), "-n", str(ranks), sys.executable, "-m",
            "mpi4py", "-m", "lottery", "run", "--grid", str(grid.root),
-           "--executor", "tests.lottery.workload:sleep_point", "--strategy", strategy]
+           "--executor", EXECUTOR, "--strategy", strategy]
     if coordinator_only:
         cmd.append("--coordinator-only")
     t0 = time.perf_counter()
@@ -68,7 +61,7 @@ def run_once(base: Path, durations, estimates, ranks: int, strategy: str, coordi
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    results = [read_json(grid.result(t["task_id"])) for t in tasks]
+    results = [read_json(grid.result(t.task_id)) for t in load_tasks(grid.root)]
     start = min(r["started_at"] for r in results)
     end = max(r["finished_at"] for r in results)
     makespan = end - start

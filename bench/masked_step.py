@@ -1,4 +1,4 @@
-"""Masked vs dense training step time (issue 4 target: masked step at most 1.1x the dense step).
+"""Masked vs dense training step time (target: masked step at most 1.1x the dense step).
 
 Times compiled `train_on_batch` steps of the same model with a plain optimizer and with the masked
 optimizer (90% global magnitude mask), interleaving repeats so machine load hits both alike.
@@ -7,7 +7,6 @@ Prints a table and writes JSON (bench/results/masked_step.json).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os

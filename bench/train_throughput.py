@@ -1,4 +1,4 @@
-"""Training throughput (issue 3, performance): prints a table, writes bench/results/train_throughput.json.
+"""Training throughput: prints a table, writes bench/results/train_throughput.json.
 
 (a) images/s of the tf.data pipeline alone (train.data.make_dataset) against
     keras.utils.image_dataset_from_directory; target: at least 3x. Two rows, interleaved in one
@@ -259,7 +259,7 @@ def bench_elephas(info, settings, workers: int, rounds: int, master: str) -> dic
     import dataclasses
 
     from common.spark import get_spark
-    from train.run import ElephasEngine
+    from train.engines import ElephasEngine
 
     spark = get_spark("bench-train-throughput", master)
     s = dataclasses.replace(settings, engine="elephas", workers=workers, augment="none")
@@ -374,13 +374,13 @@ def main(argv=None) -> int:
     setup_logging()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-    from train.cli import _model_options
+    from common.cli import parse_key_values
     from train.data import open_dataset
     from train.local_engine import configure_tensorflow
     from train.run import resolve_settings
     from train.settings import DenseSettings
 
-    options = _model_options(args.model_option) or (
+    options = parse_key_values(args.model_option, "--model-option") or (
         {"alpha": 0.35} if args.model == "mobilenet_v2" else {})
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:

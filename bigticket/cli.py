@@ -9,6 +9,8 @@ import importlib
 import importlib.util
 import sys
 
+from common.logs import setup_logging
+
 # stage name -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
 STAGES = {
     "etl": ("etl.cli", "prepare and verify image datasets with Spark"),
@@ -43,8 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         chosen = {k: v for k, v in STAGES.items() if _importable(v[0])}
     args = build_parser(chosen).parse_args(argv)
-    from common.logs import setup_logging
-
     setup_logging()
     return int(args._stage_module.run(args) or 0)
 

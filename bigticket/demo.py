@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from common.atomic import read_json
+from common.paths import DenseRunPaths
+
 log = logging.getLogger(__name__)
 
 
@@ -114,9 +117,6 @@ def _run_grid(args: argparse.Namespace, grid: str) -> None:
 
 
 def _early_bird_search(args: argparse.Namespace, data: Path, runs: Path, mobilenet: str) -> None:
-    from common.atomic import read_json
-    from common.paths import DenseRunPaths
-
     epochs = args.early_bird_epochs
     if epochs < 4:
         raise SystemExit("--early-bird-epochs must be >= 4")

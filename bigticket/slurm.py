@@ -17,6 +17,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common.cli import remember_prog, usage_error
+from common.logs import setup_logging
+
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ def _words(flag: str, text: str | None) -> list[str]:
 def pipeline_stages(args: argparse.Namespace) -> list[Stage]:
     slurm_dir = Path(args.repo) / "slurm"
     state = Path(args.state_dir or Path(args.runs) / ".pipeline")
-    run_file, grid_file = state / "train.run", state / "lottery.grid.plan"
+    run_file, grid_file = state / "train.run", state / "lottery.grid"
     stages = []
     if not args.skip_etl:
         stages.append(Stage("etl", slurm_dir / "etl.sbatch",
@@ -115,6 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="slurm_command", required=True, metavar="COMMAND")
     p = sub.add_parser("submit-pipeline", help="submit etl -> train -> plan -> lottery -> report",
                        description=__doc__.splitlines()[0])
+    remember_prog(p)
     a = p.add_argument
     a("--dataset", required=True, type=Path, help="dataset directory (written by the etl job)")
     a("--runs", required=True, type=Path, help="runs root of the training (--out of train dense)")
@@ -139,16 +143,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         submit_pipeline(args)
     except (SubmitError, FileNotFoundError) as err:
-        print(f"bigticket slurm submit-pipeline: error: {err}", file=sys.stderr)
-        return 2
+        return usage_error(args, err)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m bigticket.slurm ...` until the lead registers the stage in bigticket/cli.py."""
-    from common.logs import setup_logging
-
-    parser = argparse.ArgumentParser(prog="bigticket slurm")
+    """`python -m bigticket.slurm ...`, the same as `bigticket slurm ...`."""
+    parser = argparse.ArgumentParser(prog="python -m bigticket.slurm")
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()

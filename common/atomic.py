@@ -10,8 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, BinaryIO
-
+from typing import Any, BinaryIO, Iterator
 
 # mkstemp makes 0600 files, but outputs are shared on cluster file systems (other users'
 # executors, colleagues): give them the mode the umask allows, as open() would. Read once, at

@@ -1,4 +1,4 @@
-"""Every on-disk path of the DESIGN.md contracts, built in one place.
+"""Every on-disk path of the contracts in docs/ARCHITECTURE.md, built in one place.
 
 Stages never join path strings themselves: they ask these classes, so a contract change is one edit.
 """

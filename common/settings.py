@@ -1,8 +1,9 @@
-"""Validated, frozen, hashable settings.
+"""Validated, frozen settings and the identity that names a run's directory.
 
 Every stage declares one frozen dataclass of settings with `settings_dataclass`. Construction
-validates (pydantic raises a ValueError subclass naming the field), unknown keys are errors, and
-`settings_hash` gives the stable identity that names a run's directory.
+validates (pydantic raises a ValueError subclass naming the field), unknown keys are errors, each
+field's help is its `pydantic.Field(description=...)` (common.cli turns fields into flags), and
+`identity_hash` gives the stable name of the directory a stage writes.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Iterable, Mapping, TypeVar
 
 import pydantic
 import yaml
@@ -28,19 +29,41 @@ def settings_dataclass(cls: type[T]) -> type[T]:
     )(cls)
 
 
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    """How a settings field appears on the command line when not as `--field-name`; put it in the
+    field's type: `train_shards: Annotated[int, Flag("--shards")] = pydantic.Field(...)`."""
+    name: str | None = None        # the flag, e.g. "--shards"
+    metavar: str | None = None     # the placeholder in --help, e.g. DIR
+    enabled: bool = True           # False: a setting of config files only, with no flag
+
+
+CONFIG_ONLY = Flag(enabled=False)
+
+
 class SettingsError(ValueError):
-    """Settings that do not validate; the message names the offending field(s)."""
+    """Settings that do not validate; the message names the offending field(s).
+
+    `problems`: (location, message) pairs, the location a tuple starting with the field name
+    (empty for a check across fields, whose message names the fields itself).
+    """
+
+    def __init__(self, message: str, problems: Iterable[tuple[tuple, str]] = ()):
+        super().__init__(message)
+        self.problems = tuple(problems)
 
 
-def _readable(err: pydantic.ValidationError, cls: type) -> SettingsError:
-    lines = []
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            msg = "unknown setting"
-        lines.append(f"{field}: {msg}" if field else msg)
-    return SettingsError(f"invalid {cls.__name__}: " + "; ".join(lines))
+def _problem(error: Mapping[str, Any]) -> tuple[tuple, str]:
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        message = "unknown setting"
+    elif error["type"] == "literal_error":
+        expected = error["ctx"]["expected"].replace(" or ", ", ")
+        message = f"invalid choice: {error['input']!r} (choose from {expected})"
+    loc = tuple(error["loc"])
+    if loc:  # validators name their field themselves ("rewind: ..."): say it once
+        message = message.removeprefix(f"{loc[0]}: ")
+    return loc, message
 
 
 def make_settings(cls: type[T], values: Mapping[str, Any]) -> T:
@@ -48,7 +71,10 @@ def make_settings(cls: type[T], values: Mapping[str, Any]) -> T:
     try:
         return cls(**dict(values))
     except pydantic.ValidationError as err:
-        raise _readable(err, cls) from None
+        problems = [_problem(e) for e in err.errors()]
+        text = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
+                         for loc, msg in problems)
+        raise SettingsError(f"invalid {cls.__name__}: {text}", problems) from None
     except TypeError as err:  # unexpected keyword on older pydantic paths
         raise SettingsError(f"invalid {cls.__name__}: {err}") from None
 
@@ -67,20 +93,32 @@ def settings_to_dict(settings: Any) -> dict[str, Any]:
     return json.loads(json.dumps(dataclasses.asdict(settings), default=str))
 
 
-def settings_hash(settings: Any, extra: Mapping[str, Any] | None = None, *,
-                  omit: Mapping[str, Any] | None = None) -> str:
-    """8 hex digits identifying the fully resolved settings plus the schema version.
+def identity_hash(settings: Any, *, neutral: Mapping[str, Any] | None = None,
+                  omit: Iterable[str] = (), omit_defaults: Mapping[str, Any] | None = None,
+                  extra: Mapping[str, Any] | None = None) -> str:
+    """8 hex digits naming the directory a stage writes for `settings`, and the schema version.
 
-    `omit`: field -> value; a field holding exactly that value is left out. Fields added to a
-    settings class later are omitted at their defaults, so earlier directories keep their names.
+    neutral:       field -> value hashed in its place: fields that say where inputs and outputs
+                   live, not what is computed, so moving them keeps the name.
+    omit:          fields left out whatever they hold (those this kind of run does not use).
+    omit_defaults: field -> value; a field holding exactly that value is left out. Fields added
+                   to a settings class later are omitted at their defaults, so that directories
+                   named before they existed keep their names.
+    extra:         identities of the inputs, e.g. {"manifest_sha256": ...} of the dataset.
     """
-    omit = dict(omit or {})
-    values = {k: v for k, v in settings_to_dict(settings).items()
-              if not (k in omit and v == omit[k])}
+    values = settings_to_dict(settings)
+    unknown = (set(neutral or {}) | set(omit) | set(omit_defaults or {})) - set(values)
+    if unknown:
+        raise ValueError(f"{type(settings).__name__} has no fields {sorted(unknown)}")
+    values.update(neutral or {})
+    left_out = set(omit)
+    for field, value in (omit_defaults or {}).items():
+        if values[field] == value:
+            left_out.add(field)
     payload = {
         "schema_version": SCHEMA_VERSION,
         "kind": type(settings).__name__,
-        "settings": values,
+        "settings": {k: v for k, v in values.items() if k not in left_out},
         "extra": dict(extra or {}),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()

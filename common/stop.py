@@ -14,7 +14,7 @@ class Preempted(Exception):
 
 
 class StopToken:
-    """A one-way flag: requested once, it stays set until `clear()`."""
+    """A one-way flag: requested once, it stays set (a new run takes a new token)."""
 
     def __init__(self) -> None:
         self._event = threading.Event()
@@ -25,9 +25,6 @@ class StopToken:
     @property
     def requested(self) -> bool:
         return self._event.is_set()
-
-    def clear(self) -> None:
-        self._event.clear()
 
     def raise_if_requested(self, where: str = "") -> None:
         if self._event.is_set():

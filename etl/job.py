@@ -1,6 +1,6 @@
 """The Spark job of `bigticket etl prepare`: sources -> processed images -> shards + manifest.
 
-Plan of the job (each step is what makes a guarantee of DESIGN.md hold):
+Plan of the job (each step is what makes a guarantee of the dataset contract hold):
 1. The driver asks the source for its classes and units of work (cheap: no pixel is read).
 2. Enumerate and shuffle: executors list every unit's inputs (names and locators only, no pixels),
    key each small record by its shard and seeded in-shard order, and shuffle it into one partition
@@ -36,11 +36,11 @@ from typing import Any, Iterable, Iterator
 
 from common.atomic import read_json, write_json, write_text
 from common.paths import DatasetPaths
-from common.settings import SCHEMA_VERSION, settings_hash, settings_to_dict
+from common.settings import identity_hash, settings_to_dict
 from common.spark import get_spark
 from etl import faults
 from etl.images import ImageLimits, ResizePolicy, process_image
-from etl.manifest import load_manifest, validate_manifest
+from etl.manifest import MANIFEST_SCHEMA_VERSION, load_manifest, validate_manifest
 from etl.records import SPLITS, ClassInfo, ImageRow, InputRecord, QuarantineEntry, Rejected
 from etl.settings import EtlSettings
 from etl.shard_writer import clean_stale_temps, write_shard
@@ -68,7 +68,7 @@ class _ShardSlot:
 
 def dataset_hash(settings: EtlSettings) -> str:
     """Identity of the dataset a settings object produces; the output path is not part of it."""
-    return settings_hash(dataclasses.replace(settings, out=""))
+    return identity_hash(settings, neutral={"out": ""})
 
 
 # ---------------------------------------------------------------------------- executor functions
@@ -408,7 +408,7 @@ def _finish(paths: DatasetPaths, settings: EtlSettings, dataset_id: str, source_
                  records, quarantined, dict(sorted(by_reason.items())) or "")
     write_text(paths.quarantine, "".join(line + "\n" for line in quarantine_lines))
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": MANIFEST_SCHEMA_VERSION,
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "settings_hash": dataset_id,
         "settings": settings_to_dict(settings),

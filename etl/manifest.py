@@ -14,7 +14,7 @@ from typing import Any
 from common.paths import DatasetPaths, shard_stem
 from etl.records import REASONS
 
-SCHEMA_VERSION = 1
+MANIFEST_SCHEMA_VERSION = 1  # of manifest.json and the dataset directory it describes
 FORMATS = ("tfrecord", "parquet")
 # A manifest lists a few thousand shards; anything far larger is not ours.
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
@@ -80,9 +80,9 @@ def manifest_problems(manifest: Any, root: str | Path) -> tuple[list[str], bool]
     problems: list[str] = []
     if not _check_fields(manifest, _TOP_LEVEL, "manifest", problems):
         return problems, False
-    if manifest["schema_version"] != SCHEMA_VERSION:
+    if manifest["schema_version"] != MANIFEST_SCHEMA_VERSION:
         return [f"schema_version {manifest['schema_version']} is not supported "
-                f"(this code reads {SCHEMA_VERSION})"], False
+                f"(this code reads {MANIFEST_SCHEMA_VERSION})"], False
     sound = True
     formats = manifest["formats"]
     if not formats or any(f not in FORMATS for f in formats) or len(set(formats)) != len(formats):

@@ -16,8 +16,8 @@ from etl.records import ImageRow
 
 DEFAULT_ROW_GROUP_BYTES = 32 * 1024 * 1024
 
-# DESIGN.md's columns, plus filename and class_text so that Parquet carries everything the
-# TFRecord Example does (image/filename, image/class/text).
+# The dataset contract's columns (docs/ARCHITECTURE.md), plus filename and class_text so that
+# Parquet carries everything the TFRecord Example does (image/filename, image/class/text).
 SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),
     pa.field("image", pa.binary(), nullable=False),

@@ -1,11 +1,12 @@
-"""Settings of the ETL job (`bigticket etl prepare`)."""
+"""Settings of the ETL job (`bigticket etl prepare`); each field's description is its flag's help."""
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import pydantic
 
-from common.settings import settings_dataclass
+from common.settings import Flag, settings_dataclass
+from etl.images import ResizePolicy
 
 SOURCES = ("imagenet-folder", "imagenet-tar", "cifar10", "cifar100", "urls", "digits")
 FORMATS = {"tfrecord": ("tfrecord",), "parquet": ("parquet",), "both": ("tfrecord", "parquet")}
@@ -13,31 +14,47 @@ FORMATS = {"tfrecord": ("tfrecord",), "parquet": ("parquet",), "both": ("tfrecor
 
 @settings_dataclass
 class EtlSettings:
-    source: Literal["imagenet-folder", "imagenet-tar", "cifar10", "cifar100", "urls", "digits"]
-    out: str
-    input: Optional[str] = None
-    resize: str = "fixed:64"            # fixed:N | center:N | shorter:N (etl.images.ResizePolicy)
-    format: Literal["tfrecord", "parquet", "both"] = "both"
-    train_shards: int = pydantic.Field(default=8, ge=1, le=100_000)
-    validation_shards: int = pydantic.Field(default=2, ge=1, le=100_000)
-    quality: int = pydantic.Field(default=90, ge=1, le=100)
-    seed: int = 0
-    max_image_bytes: int = pydantic.Field(default=32 * 1024 * 1024, ge=1)
-    max_image_pixels: int = pydantic.Field(default=178_956_970, ge=1)  # Pillow's own bomb limit
+    source: Literal[SOURCES] = pydantic.Field(description="kind of image source")
+    out: str = pydantic.Field(description="the dataset directory to write")
+    input: Optional[str] = pydantic.Field(
+        default=None, description="the source's path (not needed for digits)")
+    resize: str = pydantic.Field(
+        default="fixed:64", description="fixed:N (squash), center:N (shorter side, centre crop) "
+                                        "or shorter:N (keep aspect)")
+    format: Literal[tuple(FORMATS)] = pydantic.Field(
+        default="both", description="shard formats written")
+    train_shards: Annotated[int, Flag("--shards")] = pydantic.Field(
+        default=8, ge=1, le=100_000, description="train shards")
+    validation_shards: int = pydantic.Field(
+        default=2, ge=1, le=100_000,
+        description="validation shards (default: train shards / 8, at least 1, when the train "
+                    "shards are given; else 2)")
+    quality: int = pydantic.Field(default=90, ge=1, le=100, description="JPEG quality 1-100")
+    seed: int = pydantic.Field(default=0, description="seed of the stable shard shuffling")
+    max_image_bytes: int = pydantic.Field(default=32 * 1024 * 1024, ge=1,
+                                          description="per-image byte cap")
+    max_image_pixels: int = pydantic.Field(  # Pillow's own decompression-bomb limit
+        default=178_956_970, ge=1, description="decompression-bomb pixel limit")
     # Source options (ignored by sources that do not use them).
-    synsets_file: Optional[str] = None          # one synset per line: class order
-    synset_words_file: Optional[str] = None     # "<synset>\t<words>": image/class/text
-    val_ground_truth_file: Optional[str] = None # line i = synset (or 1-based index) of val image i
-    validation_fraction: float = pydantic.Field(default=0.2, gt=0, lt=1)  # digits / urls split
-    allow_private_addresses: bool = False       # urls: permit loopback/private/link-local hosts
-    download_timeout: float = pydantic.Field(default=20.0, gt=0)
-    download_retries: int = pydantic.Field(default=3, ge=0, le=20)
-    max_redirects: int = pydantic.Field(default=5, ge=0, le=50)
+    synsets_file: Optional[str] = pydantic.Field(
+        default=None, description="class order: one synset per line")
+    synset_words_file: Optional[str] = pydantic.Field(
+        default=None, description="'<synset>\\t<words>' lines for image/class/text")
+    val_ground_truth_file: Annotated[Optional[str], Flag("--val-ground-truth")] = pydantic.Field(
+        default=None, description="flat validation labels: line i = synset (or 1-based class "
+                                  "index) of validation image i")
+    validation_fraction: float = pydantic.Field(
+        default=0.2, gt=0, lt=1, description="digits/urls: held-out fraction")
+    allow_private_addresses: bool = pydantic.Field(
+        default=False, description="urls: allow loopback/private/link-local hosts")
+    download_timeout: float = pydantic.Field(
+        default=20.0, gt=0, description="urls: seconds per request")
+    download_retries: int = pydantic.Field(
+        default=3, ge=0, le=20, description="urls: retries with backoff")
+    max_redirects: int = pydantic.Field(default=5, ge=0, le=50, description="urls: redirect limit")
 
     @pydantic.model_validator(mode="after")
     def _check(self):
-        from etl.images import ResizePolicy
-
         ResizePolicy.parse(self.resize)  # raises ValueError naming --resize
         if self.source != "digits" and not self.input:
             raise ValueError(f"input: --input is required for source {self.source!r}")

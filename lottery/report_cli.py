@@ -2,25 +2,23 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from common.cli import remember_prog, usage_error
+from common.settings import SettingsError
+from lottery.report.build import build_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    remember_prog(parser)
     parser.add_argument("grid", type=Path, help="a lottery grid directory (lottery-<hash>)")
 
 
 def run(args) -> int:
-    from common.settings import SettingsError
-    from lottery.report.build import build_report
-
     try:
         out = build_report(args.grid)
     except (SettingsError, FileNotFoundError) as err:
-        log.error("%s", err)
-        return 2
+        return usage_error(args, err)
     dense = "unknown" if out["dense_accuracy"] is None else f"{out['dense_accuracy']:.4f}"
     print(f"{out['grid']}: {out['rows']}/{out['total']} points; dense accuracy {dense}\n")
     for table in (out["table"], out["imp_table"], out["structured_table"]):

@@ -184,3 +184,12 @@ def test_relative_and_function_local_imports_are_resolved(tmp_path, source, expe
     path = tmp_path / "x.py"
     path.write_text(source)
     assert _imports(path, "lottery.prune.x") == expected
+
+
+MAX_MODULE_LINES = 450  # a module longer than a few screens has more than one job
+
+
+def test_no_package_module_is_longer_than_a_few_screens():
+    long = {m: n for m, p in _sources(PACKAGES).items()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_MODULE_LINES}
+    assert long == {}

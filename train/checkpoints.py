@@ -15,8 +15,9 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from common.atomic import atomic_path
+from common.atomic import atomic_path, read_json
 from common.paths import EARLY_BIRD_CHECKPOINT, DenseRunPaths
+from train.models import build_model
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class RewindPoint:
 
     def step(self, steps_per_epoch: int) -> int:
         return self.count * steps_per_epoch if self.unit == "ep" else self.count
+
+
+def is_checkpoint_label(label: str) -> bool:
+    """'init', 'final' or a rewind point label such as '3ep' or '500it' (lower case, as saved)."""
+    return label in ("init", "final") or _POINT.match(label) is not None
 
 
 def rewind_steps(points: Iterable[str], steps_per_epoch: int, total_steps: int) -> dict[str, int]:
@@ -85,12 +91,9 @@ def load_checkpoint(run_dir: str | os.PathLike, name: str):
     """Rebuild the run's model from its settings.json and load checkpoint `name` into it.
 
     For the lottery stage: returns an uncompiled keras.Model (optimizer state in the file is
-    not restored). `name` is 'init', 'final', 'early_bird' (the drawn Early-Bird ticket) or a
-    rewind label such as '3ep'.
+    not restored). `name` is 'init', 'final', EARLY_BIRD_CHECKPOINT (the drawn Early-Bird ticket)
+    or a rewind label such as '3ep'.
     """
-    from common.atomic import read_json
-    from train.models import build_model
-
     run = DenseRunPaths(Path(run_dir))
     if not run.settings.is_file():
         raise FileNotFoundError(f"{run.settings}: not a dense run directory (no settings.json)")

@@ -1,4 +1,4 @@
-"""tf.data readers over a dataset directory (DESIGN.md "Dataset directory"), both shard formats.
+"""tf.data readers over a dataset directory written by `etl`, both shard formats.
 
 Pipeline: shard files -> parallel interleave -> (record-level worker shard) -> encoded JPEG bytes
 + label -> cache() (encoded bytes only: decoded pixels would be ~50x larger) -> shuffle ->
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from common.paths import DatasetPaths
+from etl.manifest import DatasetError, load_manifest, manifest_sha256, shard_entries
+from etl.parquet_io import iter_parquet
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +100,6 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
     and checks that every listed shard file exists with the recorded size (sha256 is checked by
     `bigticket etl verify`: hashing ImageNet's shards on every training start costs minutes).
     """
-    from etl.manifest import DatasetError, load_manifest, manifest_sha256, shard_entries
-
     root = Path(path)
     manifest = load_manifest(root)
     shards: dict[str, dict[str, tuple[ShardFile, ...]]] = {}
@@ -138,8 +138,6 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
 # encoded records (cached)
 
 def _parquet_rows(path):
-    from etl.parquet_io import iter_parquet
-
     path = path.decode() if isinstance(path, bytes) else str(path)
     for row in iter_parquet(path, columns=("image", "label")):
         yield row["image"], row["label"]

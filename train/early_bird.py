@@ -7,10 +7,12 @@ epoch's by normalised Hamming distance. The ticket is drawn when the largest of 
 between the last `window` consecutive masks (window - 1 distances, as the paper's FIFO of 5 masks)
 is under `threshold`.
 
-Files (DESIGN.md "Dense run directory", issue 6): `early_bird.json` (settings, per-epoch distances,
-drawn epoch, whether training stopped there) and `early_bird_masks.npz` (`epoch_0001` -> bool
-vector). Both are rewritten atomically after every epoch, before the run's resume state names that
-epoch, so a resumed run rebuilds the detector exactly from them (`EarlyBirdTracker.resume`).
+In the dense run directory: `early_bird.json` (settings, per-epoch distances, drawn epoch,
+whether training stopped there), `early_bird_masks.npz` (`epoch_0001` -> bool vector) and, once
+the ticket is drawn, the checkpoint `common.paths.EARLY_BIRD_CHECKPOINT`. `EarlyBirdTracker`, an
+epoch hook of the dense loop (`train.hooks`), rewrites both files atomically after every epoch,
+before the run's resume state names that epoch, so a resumed run rebuilds the detector exactly
+from them (`EarlyBirdTracker.resume`); with stop_at_early_bird it ends training at the ticket.
 
 NumPy only at import time; Keras models are only walked, never built here.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -27,6 +30,8 @@ import numpy as np
 from common.atomic import read_json, write_bytes, write_json
 from common.paths import EARLY_BIRD_CHECKPOINT
 from common.ranking import bn_scores, keep_mask
+from train.checkpoints import save_checkpoint
+from train.hooks import EpochHook, LoopState
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +142,6 @@ class EarlyBirdDetector:
 # ---------------------------------------------------------------------------- files of a dense run
 def read_masks(path: Path) -> dict[int, np.ndarray]:
     """epoch -> mask from early_bird_masks.npz: no pickle, bounded size, epoch_NNNN keys only."""
-    import re
-
     with zipfile.ZipFile(path) as zf:
         size = sum(info.file_size for info in zf.infolist())
     if size > MAX_MASKS_BYTES:
@@ -159,8 +162,8 @@ def _masks_bytes(masks: dict[int, np.ndarray]) -> bytes:
     return buf.getvalue()
 
 
-class EarlyBirdTracker:
-    """The driver's side: a detector plus its two files in a dense run directory."""
+class EarlyBirdTracker(EpochHook):
+    """The dense loop's hook: a detector plus its two files in a dense run directory."""
 
     def __init__(self, run, model, *, ratio: float, window: int, threshold: float,
                  stop_at_early_bird: bool, epochs: int, chief: bool = True):
@@ -210,11 +213,20 @@ class EarlyBirdTracker:
         log.info("early bird: resumed the detector after epoch %d (drawn at %s)", epochs_done,
                  self.detector.drawn_epoch)
 
-    def after_epoch(self, epoch: int) -> bool:
-        """Mask of this epoch -> detector -> files (+ checkpoint "early_bird" when drawn now).
-        Returns True when training should stop here."""
-        from train.checkpoints import save_checkpoint
+    def on_train_begin(self, state: LoopState) -> bool:
+        self.resume(state.epochs_done)
+        return self.stop
 
+    def on_epoch_end(self, epoch: int, row: dict[str, float], state: LoopState) -> bool:
+        if not self.after_epoch(epoch):
+            return False
+        log.info("stopping after epoch %d of %d: the Early-Bird ticket is drawn "
+                 "(stop_at_early_bird)", epoch, self.epochs)
+        return True
+
+    def after_epoch(self, epoch: int) -> bool:
+        """Mask of this epoch -> detector -> files (+ the Early-Bird checkpoint when drawn now).
+        Returns True when training should stop here."""
         was_drawn = self.detector.drawn
         self.detector.update(epoch, bn_channel_mask(self.model, self.detector.ratio))
         record = self.detector.records[-1]

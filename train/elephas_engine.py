@@ -1,6 +1,6 @@
 """The `elephas` engine: synchronous data-parallel training rounds on Spark, driven by the driver.
 
-Public API (stable; `train/run.py` and `bench/train_throughput.py` call it):
+Public API (stable; `train/engines.py` and `bench/train_throughput.py` call it):
 
     engine = SparkDataParallel(spark, model_factory, optimizer_factory, compile_kwargs,
                                dataset_factory, workers, averaging_steps=None, gpus_per_task=0,
@@ -84,8 +84,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from train.spark_worker import (RoundConfig, WorkerSpec, build_compiled, restore_shapes, round_seed,
-                                run_task)
+from train.keras_internals import raw_learning_rate
+from train.spark_worker import RoundConfig, WorkerSpec, build_compiled, restore_shapes, round_seed, run_task
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +222,8 @@ class SparkDataParallel:
     def _optimizer_has_schedule(self) -> bool:
         # Checked on the driver so the error comes before any Spark job (executors check too).
         if self._has_schedule is None:
-            optimizer = self._spec.optimizer_factory()
-            optimizer = getattr(optimizer, "inner_optimizer", optimizer)
-            self._has_schedule = not hasattr(optimizer._learning_rate, "assign")
+            rate = raw_learning_rate(self._spec.optimizer_factory())
+            self._has_schedule = not hasattr(rate, "assign")
         return self._has_schedule
 
     def _fresh_optimizer(self) -> list[np.ndarray]:

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Sequence
 
 from train.data import DatasetInfo, make_dataset
+from train.models import build_model
 from train.settings import DenseSettings
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,6 @@ def model_builder(settings: DenseSettings, num_classes: int) -> Callable:
 
     def factory():
         import keras
-
-        from train.models import build_model
 
         _set_precision(mixed)  # also on Spark executors, which never ran configure_tensorflow
         keras.utils.set_random_seed(seed)

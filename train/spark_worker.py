@@ -25,6 +25,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
+
+from train.keras_internals import raw_learning_rate, seed_all
+
 log = logging.getLogger(__name__)
 
 # Keep few entries: each model holds its variables, each stream its shuffle/prefetch buffers.
@@ -123,8 +127,6 @@ _BUILD_COUNTS: dict[str, int] = collections.defaultdict(int)
 
 def round_seed(seed: int, round_index: int, worker_index: int | None = None) -> int:
     """A 31-bit seed determined by (seed, round_index[, worker_index]) and nothing else."""
-    import numpy as np
-
     entropy = [int(seed), int(round_index)] + ([] if worker_index is None else [int(worker_index)])
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
@@ -214,8 +216,8 @@ def set_learning_rate(optimizer, lr: float | None) -> None:
     from keras import optimizers
 
     inner = optimizer.inner_optimizer if hasattr(optimizer, "inner_optimizer") else optimizer
-    if isinstance(inner._learning_rate, optimizers.schedules.LearningRateSchedule) or callable(
-            inner._learning_rate):
+    rate = raw_learning_rate(inner)
+    if isinstance(rate, optimizers.schedules.LearningRateSchedule) or callable(rate):
         raise ValueError("lr: the optimizer has a learning-rate schedule; pass lr=None and let "
                          "the schedule (driven by the shipped iterations) set it")
     inner.learning_rate = float(lr)
@@ -240,8 +242,6 @@ def restore_shapes(arrays: Sequence, shapes: Sequence, name: str) -> list:
     elephas 7.3's weights_to_bytes passes arrays through np.ascontiguousarray, which turns 0-d
     arrays (optimizer iterations, learning rate) into shape (1,); sizes must still agree.
     """
-    import numpy as np
-
     out = []
     for i, (array, shape) in enumerate(zip(arrays, shapes)):
         shape = tuple(int(d) for d in shape)
@@ -257,36 +257,6 @@ def _batch_size(batch) -> int:
 
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(keras.tree.flatten(x)[0].shape[0])
-
-
-def seed_all(seed: int) -> None:
-    """`keras.utils.set_random_seed(seed)` without clearing TensorFlow's eager caches.
-
-    `tf.random.set_seed` also clears the eager context's caches, which drops every instantiated
-    tf.function: after it, the model's train step and the state I/O functions are instantiated
-    (and graph-optimised) again, ~2.5 s a round for a small MobileNetV2 on an idle core
-    (bench/train_throughput.py, part c). The seeds set are the same; what the clearing would
-    also reset, stateful random kernels cached in eager mode, is not used here: tf.data takes
-    its seeds when a dataset is built and Keras layers draw from their own SeedGenerator.
-    Private attributes of the pinned Keras 3 / TF 2.19; the engine tests compare against
-    `keras.utils.set_random_seed` and fail if the two ever diverge.
-    """
-    import random
-
-    import numpy as np
-    from keras.src.backend.common import global_state
-    from keras.src.random import seed_generator
-    from keras.src.utils import rng_utils
-    from tensorflow.python.eager import context
-
-    seed = int(seed)
-    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
-    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
-    random.seed(seed)
-    np.random.seed(seed)
-    ctx = context.context()
-    ctx._seed = seed                  # what context._set_global_seed sets, minus the cache clear
-    ctx._rng = random.Random(seed)
 
 
 def make_worker_dataset(spec: WorkerSpec, shard_files: Sequence[str], worker_index: int, seed: int):

@@ -27,7 +27,6 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
 
 from common.paths import GridPaths
 
@@ -75,17 +74,6 @@ class ClaimStore:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         grid.claims.mkdir(parents=True, exist_ok=True)
-        self._probe = grid.claims / f".clock-{uuid.uuid4().hex}"
-
-    # -- clock ---------------------------------------------------------------------------
-    def fs_now(self) -> float:
-        """'Now' by the clock that stamps mtimes on this file system (the server's, on NFS)."""
-        with open(self._probe, "wb"):
-            pass
-        try:
-            return self._probe.stat().st_mtime
-        finally:
-            self._probe.unlink(missing_ok=True)
 
     # -- claiming ------------------------------------------------------------------------
     def try_claim(self, task_id: str) -> Claim | None:
@@ -121,7 +109,7 @@ class ClaimStore:
             st = path.stat()
         except FileNotFoundError:
             return True  # released meanwhile: try to create again
-        age = self.fs_now() - st.st_mtime
+        age = _fs_now(self.grid.claims) - st.st_mtime
         owner = _owner_of(path)
         if age <= self.stale_after and not _dead_on_this_host(owner):
             return False
@@ -151,16 +139,6 @@ class ClaimStore:
             pass
         with contextlib.suppress(OSError):
             os.close(claim.fd)
-
-    @contextlib.contextmanager
-    def holding(self, task_id: str) -> Iterator[Claim | None]:
-        """`with store.holding(t) as claim:` claim (or None), released on exit."""
-        claim = self.try_claim(task_id)
-        try:
-            yield claim
-        finally:
-            if claim is not None:
-                self.release(claim)
 
     # -- heartbeat -----------------------------------------------------------------------
     def _ensure_heartbeat(self) -> None:
@@ -205,6 +183,17 @@ class ClaimStore:
         self.close()
 
 
+def _fs_now(directory: Path) -> float:
+    """'Now' by the clock that stamps mtimes on this file system (the server's, on NFS)."""
+    probe = directory / f".clock-{uuid.uuid4().hex}"
+    with open(probe, "wb"):
+        pass
+    try:
+        return probe.stat().st_mtime
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 def _owner_of(path: Path) -> str:
     try:
         return str(json.loads(path.read_bytes()[:4096]).get("owner", "?"))
@@ -232,12 +221,8 @@ def list_claims(grid: GridPaths, stale_after: float = DEFAULT_STALE_AFTER) -> li
     """Current claims of a grid (for `lottery status`), with their age and staleness."""
     if not grid.claims.is_dir():
         return []
-    probe = grid.claims / f".clock-{uuid.uuid4().hex}"
     try:
-        with open(probe, "wb"):
-            pass
-        now = probe.stat().st_mtime
-        probe.unlink()
+        now = _fs_now(grid.claims)
     except OSError:  # read-only view of the grid: fall back to the local clock
         now = time.time()
     out = []

@@ -2,7 +2,8 @@
 
 Ids become file names (results/<task_id>.json, masks/<mask_id>.npz), so every id built here is a
 safe file name (common.paths.is_safe_name). Fractions enter ids as 4-digit tags: settings are
-validated with the same `fraction_tag`, so two values that would share a tag are refused early.
+validated with the same `fraction_tag`, and `lottery.grid.plan.plan` refuses two values that would
+share an id.
 """
 from __future__ import annotations
 
@@ -28,6 +29,21 @@ def channel_mask_id(criterion: str, scope: str, ratio: float, draw: str, round_t
 
 def random_mask_id(base: str, seed: int) -> str:
     return f"{base}-random{seed}"
+
+
+def oneshot_task_id(mask: str, rewind: str, control: str) -> str:
+    """e.g. oneshot-global-s9000-init-none: the threshold's mask (not its random twin's)."""
+    return f"oneshot-{mask}-{rewind}-{control}"
+
+
+def imp_task_id(scope: str, rounds: int, rate: float, rewind: str) -> str:
+    """e.g. imp-global-r5-p2000-init: 5 rounds pruning 20% each, rewound to init."""
+    return f"imp-{scope}-r{rounds}-p{fraction_tag(rate)}-{rewind}"
+
+
+def structured_task_id(channel_mask: str) -> str:
+    """channels-bn-global-c3000-10ep -> structured-bn-global-c3000-10ep (one task per mask)."""
+    return "structured-" + channel_mask.removeprefix("channels-")
 
 
 def derived_seed(seed: int, name: str) -> int:

@@ -4,28 +4,40 @@
 settings, every mask file is written only if missing, and `settings.json` (which holds the task
 list) is written last, so its presence means the plan is complete; planning again changes nothing.
 
-A task is one schedulable unit (lottery.points.task.Task, where its fields are described); the
-plan validates every task and refuses duplicate ids before it writes them. Tasks are ordered longest
-first (cost descending), then earliest rewind first, so a dynamic scheduler that hands them out in
-order finishes the long ones early.
+A task is one schedulable unit (lottery.points.task.Task, where its fields are described). The
+plan refuses settings whose values would share an id (ids keep 4 decimals of a fraction) before it
+writes anything, and checks every task and the uniqueness of their ids again before writing them.
+Tasks are ordered longest first (cost descending), then earliest rewind first, so a dynamic
+scheduler that hands them out in order finishes the long ones early.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from common.atomic import read_json, write_json
-from common.paths import DenseRunPaths, GridPaths, SUCCESS
-from common.settings import SCHEMA_VERSION, SettingsError, settings_hash, settings_to_dict
-from lottery.points.task import Task, TaskError
-from lottery.grid.ids import channel_mask_id, derived_seed, fraction_tag, mask_id, random_mask_id
+from common.paths import SUCCESS, DenseRunPaths, GridPaths
+from common.settings import SCHEMA_VERSION, SettingsError, identity_hash, settings_to_dict
+from lottery.grid.ids import (
+    channel_mask_id,
+    derived_seed,
+    imp_task_id,
+    mask_id,
+    oneshot_task_id,
+    random_mask_id,
+    structured_task_id,
+)
 from lottery.grid.settings import EARLY_BIRD, GridSettings
+from lottery.points.task import Task, TaskError
+from lottery.prune import masks
+from lottery.prune.channel_masks import select_channels
+from lottery.prune.stats import prunable_weights, weight_stats
+from train.checkpoints import RewindPoint, list_checkpoints, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +59,6 @@ def _point_position(name: str, epochs: int, steps_per_epoch: int | None) -> floa
         return 0.0
     if name == "final":
         return float(epochs)
-    from train.checkpoints import RewindPoint
-
     point = RewindPoint.parse(name)
     if point.unit == "ep":
         return float(point.count)
@@ -57,8 +67,6 @@ def _point_position(name: str, epochs: int, steps_per_epoch: int | None) -> floa
 
 def read_run(run_dir: str | os.PathLike) -> RunInfo:
     """Check that `run_dir` is a finished dense run; its epochs and saved checkpoints."""
-    from train.checkpoints import list_checkpoints
-
     run = DenseRunPaths(Path(run_dir))
     if not run.settings.is_file():
         raise SettingsError(f"--run {run.root}: not a dense run directory (no settings.json)")
@@ -158,85 +166,94 @@ def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def grid_hash(settings: GridSettings) -> str:
-    """settings_hash of the grid's identity (see grid_identity)."""
-    values = settings_to_dict(settings)
-    identity = grid_identity(values)
-    return settings_hash(settings, omit={k: v for k, v in values.items() if k not in identity})
+    """The name of the grid's directory: its settings as grid_identity records them."""
+    return identity_hash(settings, omit=() if settings.structured else STRUCTURED_FIELDS,
+                         omit_defaults={"channel_round_to": 1})
 
 
 def build_tasks(settings: GridSettings, positions: Mapping[str, float],
-                mask_sparsity: Mapping[str, float]) -> list[dict[str, Any]]:
+                mask_sparsity: Mapping[str, float]) -> list[Task]:
     """The deterministic task list of resolved settings (see the module docstring)."""
     if settings.epochs is None:
         raise ValueError("build_tasks needs resolved settings (epochs set)")
-    tasks: list[dict[str, Any]] = []
-    common = {"scope": settings.scope, "exclude": list(settings.exclude), "epochs": settings.epochs}
+    tasks: list[Task] = []
+    common = {"scope": settings.scope, "exclude": tuple(settings.exclude), "epochs": settings.epochs}
     for kind, value in settings.thresholds:
         mid = mask_id(settings.scope, kind, value)
         threshold = {"kind": "sparsity" if kind == "s" else "quantile", "value": value}
         for rewind in settings.rewind:
             for control in ("none", *settings.controls):
-                task_id = f"oneshot-{mid}-{rewind}-{control}"
-                seed = derived_seed(settings.seed, task_id)
+                task_id = oneshot_task_id(mid, rewind, control)
                 use_mask = mid
                 if control == "random_mask":
                     use_mask = random_mask_id(mid, derived_seed(settings.seed, mid))
-                tasks.append({
-                    "task_id": task_id, "kind": "oneshot", "mask_id": use_mask,
-                    "base_mask_id": mid if control == "random_mask" else None,
-                    "rewind": rewind, "control": control, "threshold": threshold,
-                    "sparsity": float(mask_sparsity[use_mask]), "imp_rounds": 0, "imp_rate": 0.0,
-                    "seed": seed, "cost": float(settings.epochs), **common,
-                })
+                tasks.append(Task(
+                    task_id=task_id, kind="oneshot", mask_id=use_mask,
+                    base_mask_id=mid if control == "random_mask" else None,
+                    rewind=rewind, control=control, threshold=threshold,
+                    sparsity=float(mask_sparsity[use_mask]), imp_rounds=0, imp_rate=0.0,
+                    seed=derived_seed(settings.seed, task_id), cost=float(settings.epochs), **common,
+                ))
     if settings.imp_rounds:
         final_sparsity = 1.0 - (1.0 - settings.imp_rate) ** settings.imp_rounds
         for rewind in settings.rewind:
-            task_id = (f"imp-{settings.scope}-r{settings.imp_rounds}-p{fraction_tag(settings.imp_rate)}"
-                       f"-{rewind}")
-            tasks.append({
-                "task_id": task_id, "kind": "imp", "mask_id": None, "base_mask_id": None,
-                "rewind": rewind, "control": "none", "threshold": None,
-                "sparsity": final_sparsity, "imp_rounds": settings.imp_rounds,
-                "imp_rate": settings.imp_rate, "seed": derived_seed(settings.seed, task_id),
-                "cost": float(settings.epochs * settings.imp_rounds), **common,
-            })
+            task_id = imp_task_id(settings.scope, settings.imp_rounds, settings.imp_rate, rewind)
+            tasks.append(Task(
+                task_id=task_id, kind="imp", mask_id=None, base_mask_id=None,
+                rewind=rewind, control="none", threshold=None,
+                sparsity=final_sparsity, imp_rounds=settings.imp_rounds,
+                imp_rate=settings.imp_rate, seed=derived_seed(settings.seed, task_id),
+                cost=float(settings.epochs * settings.imp_rounds), **common,
+            ))
     if settings.structured:
         tasks += structured_tasks(settings, positions)
-    tasks.sort(key=lambda t: (-t["cost"], positions[t["rewind"]], t["task_id"]))
+    tasks.sort(key=lambda t: (-t.cost, positions[t.rewind], t.task_id))
     return tasks
 
 
-def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> list[dict[str, Any]]:
+def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> list[Task]:
     """One task per (draw point, channel ratio) of resolved settings."""
     scope = settings.resolved_channel_scope
     tasks = []
     for draw in settings.draw_points:
         for ratio in settings.channel_ratios or ():
             mid = channel_mask_id(settings.criterion, scope, ratio, draw, settings.channel_round_to)
-            task_id = "structured-" + mid.removeprefix("channels-")
-            tasks.append({
-                "task_id": task_id, "kind": "structured", "mask_id": mid, "base_mask_id": None,
-                "rewind": draw, "control": "none", "scope": scope, "threshold": None,
-                "sparsity": None, "ratio": ratio, "criterion": settings.criterion,
-                "draw_epoch": float(positions[draw]), "exclude": list(settings.exclude),
-                "epochs": settings.epochs, "imp_rounds": 0, "imp_rate": 0.0,
-                "seed": derived_seed(settings.seed, task_id), "cost": float(settings.epochs),
-                **({"round_to": settings.channel_round_to} if settings.channel_round_to > 1 else {}),
-            })
+            task_id = structured_task_id(mid)
+            tasks.append(Task(
+                task_id=task_id, kind="structured", mask_id=mid, base_mask_id=None,
+                rewind=draw, control="none", scope=scope, threshold=None,
+                sparsity=None, ratio=ratio, criterion=settings.criterion,
+                draw_epoch=float(positions[draw]), exclude=tuple(settings.exclude),
+                epochs=settings.epochs, imp_rounds=0, imp_rate=0.0,
+                seed=derived_seed(settings.seed, task_id), cost=float(settings.epochs),
+                round_to=settings.channel_round_to if settings.channel_round_to > 1 else None,
+            ))
     return tasks
+
+
+def check_unique_ids(settings: GridSettings) -> None:
+    """SettingsError naming the id when two values of `settings` would get the same mask id (and
+    so the same task ids): ids keep 4 decimals of a fraction (lottery.grid.ids.fraction_tag)."""
+    scope = settings.resolved_channel_scope
+    named = [("sparsities" if kind == "s" else "quantiles", value, mask_id(settings.scope, kind, value))
+             for kind, value in settings.thresholds]
+    named += [("channel_ratios", ratio, channel_mask_id(settings.criterion, scope, ratio, draw,
+                                                        settings.channel_round_to))
+              for draw in settings.draw_points for ratio in settings.channel_ratios or ()]
+    seen: dict[str, float] = {}
+    for field, value, mid in named:
+        if mid in seen:
+            raise SettingsError(f"{field}: {seen[mid]} and {value} would share the id {mid!r} "
+                                f"(ids keep 4 decimals): give values that differ there")
+        seen[mid] = value
 
 
 def load_final_weights(run: DenseRunPaths) -> dict[str, np.ndarray]:
     """The prunable weights of the dense run's final checkpoint (imports TensorFlow)."""
-    from lottery.prune.stats import prunable_weights
-    from train.checkpoints import load_checkpoint
-
     return prunable_weights(load_checkpoint(run.root, "final"))
 
 
 def _make_mask(weights: Mapping[str, np.ndarray], settings: GridSettings, kind: str, value: float):
-    from lottery.prune import masks
-
     exclude = tuple(settings.exclude)
     try:
         if kind == "q":
@@ -251,8 +268,6 @@ def _make_mask(weights: Mapping[str, np.ndarray], settings: GridSettings, kind: 
 def _write_masks(grid: GridPaths, settings: GridSettings,
                  weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """masks/<id>.npz for every threshold (and its random twin); returns id -> description."""
-    from lottery.prune import masks
-
     described: dict[str, dict[str, Any]] = {}
     for kind, value in settings.thresholds:
         mid = mask_id(settings.scope, kind, value)
@@ -281,11 +296,7 @@ def _write_masks(grid: GridPaths, settings: GridSettings,
 def _write_channel_masks(grid: GridPaths, settings: GridSettings, run: RunInfo,
                          positions: Mapping[str, float]) -> dict[str, dict[str, Any]]:
     """masks/<id>.npz: one structured mask per (draw point, channel ratio), drawn with
-    lottery.prune.channels.select_channels on that checkpoint's weights; returns id -> description."""
-    from lottery.prune import masks
-    from lottery.prune.channels import select_channels
-    from train.checkpoints import load_checkpoint
-
+    lottery.prune.channel_masks.select_channels on that checkpoint's weights; returns id -> description."""
     scope = settings.resolved_channel_scope
     described: dict[str, dict[str, Any]] = {}
     for draw in settings.draw_points:
@@ -325,10 +336,9 @@ def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
 
     `weights` (prunable weights by name) defaults to the run's final checkpoint.
     """
-    from lottery.prune.stats import weight_stats
-
     run = read_run(run_dir)
     resolved = resolve_settings(settings, run)
+    check_unique_ids(resolved)  # before anything is written under a shared id
     grid = GridPaths.under(run.paths, grid_hash(resolved))
     if grid.settings.is_file():
         existing = read_json(grid.settings)

@@ -10,25 +10,25 @@ A grid holds magnitude points (sparsities or quantiles x rewind, IMP chains), st
 """
 from __future__ import annotations
 
-import re
 from typing import Literal, Optional
 
 import pydantic
 
 from common.paths import EARLY_BIRD_CHECKPOINT as EARLY_BIRD
 from common.settings import settings_dataclass
-
-# 'init', 'final' or a late-reset label of the dense run ('3ep', '500it'): these become file names.
-_REWIND = re.compile(r"^(init|final|\d{1,9}(ep|it))$")
-
-
+from lottery.grid.ids import fraction_tag
+from lottery.points.task import CONTROLS
+from lottery.prune.criteria import CRITERIA
+from lottery.prune.masks import SCOPES
+from train.checkpoints import is_checkpoint_label
 
 
 def _labels(value, what: str) -> tuple[str, ...]:
+    """Checkpoint labels of a dense run ('init', 'final', '3ep', '500it'): they become file names."""
     labels = []
     for v in value:
         label = str(v).strip().lower()
-        if not _REWIND.match(label):
+        if not is_checkpoint_label(label):
             raise ValueError(f"{v!r} is not a checkpoint of a dense run (init, final, or e.g. 3ep, "
                              f"500it)")
         labels.append(label)
@@ -38,7 +38,7 @@ def _labels(value, what: str) -> tuple[str, ...]:
 
 
 def _split(value):
-    """'0.5,0.7' from a flag or a config file -> ['0.5', '0.7']; lists pass through."""
+    """'0.5,0.7' from a config file -> ['0.5', '0.7']; lists pass through."""
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
@@ -46,25 +46,43 @@ def _split(value):
 
 @settings_dataclass
 class GridSettings:
-    sparsities: Optional[tuple[float, ...]] = None   # fraction of prunable weights set to zero
-    quantiles: Optional[tuple[float, ...]] = None    # magnitude quantile used as the threshold
-    scope: Literal["global", "layer"] = "global"     # one threshold overall, or per layer
-    rewind: tuple[str, ...] = ("init",)              # saved points of the dense run
-    controls: tuple[Literal["random_reinit", "random_mask"], ...] = ()
-    imp_rounds: int = pydantic.Field(default=0, ge=0, le=100)   # 0: no IMP chains
-    imp_rate: float = pydantic.Field(default=0.2, gt=0, lt=1)   # fraction of REMAINING pruned/round
-    exclude: tuple[str, ...] = ()                    # weight-name patterns never pruned (fnmatch)
-    epochs: Optional[int] = pydantic.Field(default=None, ge=1, le=100_000)  # None: dense run's
-    seed: int = 0
-    # Structured (channel) pruning: fraction of channels removed; see lottery.prune.channels.
-    channel_ratios: Optional[tuple[float, ...]] = None
-    criterion: Literal["l1", "l2", "fpgm", "bn"] = "bn"
-    channel_scope: Optional[Literal["layer", "global"]] = None  # None: global for bn, else layer
-    draw: tuple[str, ...] = ()                       # checkpoints the channel masks are drawn at
-    early_bird: bool = False                         # also draw at the run's Early-Bird ticket
+    sparsities: Optional[tuple[float, ...]] = pydantic.Field(
+        default=None, description="target sparsities (fraction of prunable weights set to zero), "
+                                  "e.g. 0.5,0.7,0.9")
+    quantiles: Optional[tuple[float, ...]] = pydantic.Field(
+        default=None, description="magnitude quantiles used as thresholds")
+    scope: Literal[SCOPES] = pydantic.Field(
+        default="global", description="one threshold over all weights, or one per layer")
+    rewind: tuple[str, ...] = pydantic.Field(
+        default=("init",), description="saved points of the dense run, e.g. init,1ep,final")
+    controls: tuple[Literal[tuple(c for c in CONTROLS if c != "none")], ...] = pydantic.Field(
+        default=(), description="control points beside each magnitude point")
+    imp_rounds: int = pydantic.Field(default=0, ge=0, le=100,
+                                     description="rounds of iterative magnitude pruning; 0: none")
+    imp_rate: float = pydantic.Field(default=0.2, gt=0, lt=1,
+                                     description="fraction of the REMAINING weights pruned per round")
+    exclude: tuple[str, ...] = pydantic.Field(
+        default=(), description="weight-name patterns never pruned (fnmatch), comma-separated")
+    epochs: Optional[int] = pydantic.Field(
+        default=None, ge=1, le=100_000, description="retraining epochs (default: the dense run's)")
+    seed: int = pydantic.Field(default=0, description="seed the per-task seeds derive from")
+    # Structured (channel) pruning: fraction of channels removed; see lottery.prune.channel_masks.
+    channel_ratios: Optional[tuple[float, ...]] = pydantic.Field(
+        default=None, description="fractions of the channels to remove, e.g. 0.3,0.5")
+    criterion: Literal[CRITERIA] = pydantic.Field(
+        default="bn", description="channel importance (bn: BatchNorm scale)")
+    channel_scope: Optional[Literal[SCOPES]] = pydantic.Field(
+        default=None, description="one threshold over all channels or per layer (default: global "
+                                  "for bn, layer otherwise)")
+    draw: tuple[str, ...] = pydantic.Field(
+        default=(), description="dense-run checkpoints to draw channel masks at, e.g. 10ep,30ep")
+    early_bird: bool = pydantic.Field(
+        default=False, description="also draw at the dense run's Early-Bird ticket "
+                                   "(--no-early-bird turns a preset's off)")
     # Kept channels per layer rounded to a multiple of this (16: the CPU's float32 vector width;
     # narrower layers run far below peak, so unrounded counts cost speed for few FLOPs saved).
-    channel_round_to: int = pydantic.Field(default=1, ge=1, le=4096)
+    channel_round_to: int = pydantic.Field(
+        default=1, ge=1, le=4096, description="keep a multiple of N channels per layer (e.g. 16)")
 
     @pydantic.field_validator("sparsities", "quantiles", "channel_ratios", mode="before")
     @classmethod
@@ -88,9 +106,11 @@ class GridSettings:
                 raise ValueError(f"{v} must lie strictly between 0 and 1")
         if len(set(value)) != len(value):
             raise ValueError(f"duplicate values in {list(value)}")
-        # Ids are built from 4 decimals: two values that differ only beyond that would collide.
-        if len({round(v, 4) for v in value}) != len(value):
-            raise ValueError(f"values must differ in the first 4 decimals: {list(value)}")
+        # Values enter task and mask ids as 4-digit tags: two values with one tag would collide.
+        tags = [fraction_tag(v) for v in value]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"values must differ in the first 4 decimals: {list(value)} give the "
+                             f"id tags {tags}")
         return value
 
     @pydantic.field_validator("rewind")

@@ -13,28 +13,27 @@ of the step of LeNet-300-100 without XLA. Other optimizers (Muon orthogonalises 
 Ftrl, schedule-free methods) keep it. Every epoch ends with a check that pruned weights are still
 zero.
 
-Preemption: `request_stop()` (the scheduler calls it on SLURM's pre-timeout signal) makes a running
-`train_masked` raise `Preempted` after the current batch. With an `EpochCheckpoint`, every complete
-epoch is saved first (model variables, optimizer state, history, epoch index), so a later call with
-the same checkpoint resumes at the next epoch instead of from scratch; the partly trained epoch is
-dropped. Each epoch then starts from a seed derived from (checkpoint seed, epoch), so a resumed run
-draws the same random numbers as an uninterrupted one.
+Preemption: a `common.stop.StopToken` passed as `stop=` makes a running `train_masked` raise
+`Preempted` after the batch in which it was requested. With an `EpochCheckpoint`
+(lottery.points.epoch_checkpoint), every complete epoch is saved first (model variables, optimizer
+state, history, epoch index), so a later call with the same checkpoint resumes at the next epoch
+instead of from scratch; the partly trained epoch is dropped. Each epoch then starts from a seed
+derived from (checkpoint seed, epoch), so a resumed run draws the same random numbers as an
+uninterrupted one. The checkpoint is left in place when training ends: its owner (the grid point)
+removes it once the point's result is kept.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
-import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from common.atomic import atomic_output, write_json
+from common.stop import StopToken
+from lottery.points.epoch_checkpoint import EpochCheckpoint
+from lottery.prune import keras_graph
 from lottery.prune import masks as masks_mod
 from lottery.prune.stats import prunable_variables
 
@@ -143,7 +142,7 @@ def reinitialize(model, seed: int) -> None:
     """
     keras = _keras()
     seeded = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_graph.all_layers(model):
         for key, value in layer.get_config().items():
             if key.endswith("_initializer") and isinstance(value, dict) \
                     and (value.get("config") or {}).get("seed") is not None:
@@ -158,156 +157,14 @@ def reinitialize(model, seed: int) -> None:
     model.set_weights(fresh.get_weights())
 
 
-# -- preemption: a cooperative stop, and the last complete epoch of a run ------------------------
-class Preempted(Exception):
-    """Training stopped on request; its last complete epoch is saved (when it had a checkpoint)."""
-
-
-_STOP = threading.Event()
-
-
-def request_stop() -> None:
-    """Ask running trainings to stop after their current batch (safe from a signal handler)."""
-    _STOP.set()
-
-
-def stop_requested() -> bool:
-    return _STOP.is_set()
-
-
-def clear_stop() -> None:
-    _STOP.clear()
-
-
-STATE_FILE = "state.json"
-STATE_SCHEMA = 1
-MAX_STATE_JSON = 64 << 20        # state.json holds the history only: refuse anything larger
-_ARRAYS = re.compile(r"^epoch-\d{5}\.npz$")
-
-
-def mask_digest(mask: Mapping[str, np.ndarray]) -> str:
-    """A short fingerprint of a mask (names, shapes, bits): a saved epoch is only resumed under
-    the very mask it was trained with."""
-    h = hashlib.sha256()
-    for name in sorted(mask):
-        bits = np.asarray(mask[name], dtype=bool)
-        h.update(f"{name}:{bits.shape};".encode())
-        h.update(np.packbits(bits, axis=None).tobytes())
-    return h.hexdigest()[:16]
-
-
-def _describe(variables) -> list[list]:
-    return [[v.path, list(v.shape)] for v in variables]
-
-
-def _shapes_of(described) -> list | None:
-    try:
-        return [list(shape) for _path, shape in described]
-    except (TypeError, ValueError):
-        return None
-
-
-class EpochCheckpoint:
-    """The last complete epoch of one training run, kept in `directory` (a grid point's
-    partial state, GridPaths.partial_state): `epoch-NNNNN.npz` (model and optimizer variables,
-    written atomically) and then `state.json` naming it (epoch index, history, variable list,
-    `key`). state.json is written last, so it always names a complete epoch.
-
-    `key` identifies the run (point label, IMP round, mask digest): state saved under another
-    key is ignored, never resumed. `seed`: each epoch starts from set_random_seed(seed + epoch).
-    """
-
-    def __init__(self, directory: str | Path, key: str, seed: int | None = None):
-        self.directory = Path(directory)
-        self.key = str(key)
-        self.seed = seed
-        self.resumed_from = 0   # epochs restored by the last load()
-
-    @property
-    def state_path(self) -> Path:
-        return self.directory / STATE_FILE
-
-    def _read_state(self) -> dict | None:
-        try:
-            size = self.state_path.stat().st_size
-        except FileNotFoundError:
-            return None
-        if size > MAX_STATE_JSON:
-            raise ValueError(f"{self.state_path}: {size} bytes, more than a partial state holds")
-        with open(self.state_path, "rb") as fh:
-            state = json.load(fh)
-        if not isinstance(state, dict) or state.get("schema_version") != STATE_SCHEMA:
-            raise ValueError(f"{self.state_path}: not a partial-state file of schema {STATE_SCHEMA}")
-        return state
-
-    def load(self, model, optimizer) -> tuple[int, dict[str, list[float]]] | None:
-        """Restore the saved epoch into the compiled `model` and its `optimizer`; returns
-        (epochs done, history), or None when there is nothing of this run to resume."""
-        self.resumed_from = 0
-        state = self._read_state()
-        if state is None:
-            return None
-        if state.get("key") != self.key:
-            log.warning("%s: saved for %r, not %r: starting from scratch", self.state_path,
-                        state.get("key"), self.key)
-            return None
-        name = str(state.get("arrays", ""))
-        if not _ARRAYS.match(name):  # a file name of our own making, never a path
-            raise ValueError(f"{self.state_path}: field arrays {name!r} is not an epoch file name")
-        optimizer.build(model.trainable_variables)
-        # Matched by order and shape: Keras numbers auto-named layers per process ("dense_3"),
-        # so paths of the same architecture may differ between the saving and the resuming run.
-        if (_shapes_of(state.get("model_variables")) != _shapes_of(_describe(model.variables))
-                or _shapes_of(state.get("optimizer_variables"))
-                != _shapes_of(_describe(optimizer.variables))):
-            log.warning("%s: saved variables do not match this model/optimizer: starting from "
-                        "scratch", self.state_path)
-            return None
-        with np.load(self.directory / name, allow_pickle=False) as arrays:
-            for i, var in enumerate(model.variables):
-                var.assign(arrays[f"m{i:05d}"])
-            for i, var in enumerate(optimizer.variables):
-                var.assign(arrays[f"o{i:05d}"])
-        history = {str(k): [float(x) for x in v] for k, v in state["history"].items()}
-        self.resumed_from = int(state["epochs_done"])
-        return self.resumed_from, history
-
-    def save(self, model, optimizer, epochs_done: int, history: Mapping[str, list[float]]) -> None:
-        name = f"epoch-{epochs_done:05d}.npz"
-        arrays = {f"m{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(model.variables)}
-        arrays |= {f"o{i:05d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)}
-        with atomic_output(self.directory / name) as fh:
-            np.savez(fh, **arrays)
-        write_json(self.state_path, {
-            "schema_version": STATE_SCHEMA, "key": self.key, "epochs_done": int(epochs_done),
-            "arrays": name, "history": {k: list(v) for k, v in history.items()},
-            "model_variables": _describe(model.variables),
-            "optimizer_variables": _describe(optimizer.variables), "saved_at": time.time()})
-        for old in self.directory.glob("epoch-*.npz"):  # only the epoch state.json names
-            if old.name != name:
-                old.unlink(missing_ok=True)
-
-    def clear(self) -> None:
-        """Forget the saved epoch (the run finished): state.json first, so no reader ever sees
-        a state naming a deleted file."""
-        self.state_path.unlink(missing_ok=True)
-        for old in self.directory.glob("epoch-*.npz"):
-            old.unlink(missing_ok=True)
-        try:
-            self.directory.rmdir()
-        except OSError:
-            pass  # not empty (another key's leftovers) or already gone
-
-
-def _stop_callback():
+def _stop_callback(stop: StopToken):
     keras = _keras()
 
     class StopOnRequest(keras.callbacks.Callback):
         """Checked after every batch: a stop request ends the epoch at once (it is dropped)."""
 
         def on_train_batch_end(self, batch, logs=None):
-            if stop_requested():
-                raise Preempted("stop requested during an epoch")
+            stop.raise_if_requested("during an epoch")
 
     return StopOnRequest()
 
@@ -327,7 +184,8 @@ def train_masked(model, mask: Mapping[str, np.ndarray], train_data, validation_d
                  optimizer, loss, epochs: int, metrics=("accuracy",),
                  learning_rate: Callable[[int], float | None] | None = None,
                  batch_size: int | None = None, label: str = "masked",
-                 checkpoint: EpochCheckpoint | None = None) -> dict[str, list[float]]:
+                 checkpoint: EpochCheckpoint | None = None,
+                 stop: StopToken | None = None) -> dict[str, list[float]]:
     """Apply `mask`, compile `model` with the masked optimizer and train `epochs` epochs.
 
     `train_data`: (x, y) arrays, a dataset of (x, y) batches, or a callable epoch -> either (so a
@@ -337,7 +195,8 @@ def train_masked(model, mask: Mapping[str, np.ndarray], train_data, validation_d
     names plus 'lr' and 'time'). Raises RuntimeError if a pruned weight is non-zero after an epoch.
 
     `checkpoint`: save every complete epoch there and resume from it (see EpochCheckpoint); it is
-    cleared when training completes. A stop request raises Preempted (module docstring).
+    kept when training completes. `stop`: once requested, Preempted is raised after the current
+    batch (module docstring).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -353,11 +212,11 @@ def train_masked(model, mask: Mapping[str, np.ndarray], train_data, validation_d
             log.info("%s resumed after epoch %d/%d from %s", label, start, epochs, checkpoint.directory)
     if start > epochs:
         raise ValueError(f"{checkpoint.state_path}: {start} epochs saved, more than the {epochs} asked for")
-    callbacks = [_stop_callback()]
+    callbacks = [_stop_callback(stop)] if stop is not None else []
     for epoch in tqdm(range(start, epochs), desc=label, unit="epoch", initial=start, total=epochs,
                       leave=False, disable=None):
-        if stop_requested():
-            raise Preempted(f"{label}: stop requested before epoch {epoch + 1}")
+        if stop is not None:
+            stop.raise_if_requested(f"before epoch {epoch + 1} of {label}")
         if checkpoint is not None and checkpoint.seed is not None:
             # Each epoch's randomness (array shuffling, dropout draws) depends only on the epoch.
             _keras().utils.set_random_seed((int(checkpoint.seed) * 100_003 + epoch) % 2**32)
@@ -379,6 +238,4 @@ def train_masked(model, mask: Mapping[str, np.ndarray], train_data, validation_d
             checkpoint.save(model, opt, epoch + 1, history)
         log.info("%s epoch %d/%d (%.1fs) %s", label, epoch + 1, epochs, row["time"],
                  " ".join(f"{k}={v:.4g}" for k, v in sorted(row.items()) if k != "time"))
-    if checkpoint is not None:
-        checkpoint.clear()
     return history

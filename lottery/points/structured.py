@@ -1,13 +1,15 @@
 """One structured grid point: channels drawn at a checkpoint, the network compacted, retrained.
 
-The scheduler calls `run_structured_task` (through lottery.points.oneshot.train_point) for tasks of kind
-"structured" (see lottery.grid.plan). The point loads the draw checkpoint and the channel mask planned
-for it, builds the physically smaller network (lottery.prune.compaction.compact), measures both networks
-(parameters, multiply-adds, file size), evaluates the compacted one, retrains it with the dense
-run's recipe from epoch 0 (as the Early-Bird paper retrains its tickets) and evaluates it again.
-The retrained compact model is saved to models/<task_id>.keras beside the result, and exported for
-CPU deployment to models/<task_id>.tflite (LiteRT); both networks' CPU images/s are measured in
-that export (lottery.points.inference).
+The runner of tasks of kind "structured" (lottery.points.runners; planned by lottery.grid.plan).
+The point loads the draw checkpoint and the channel mask planned for it, builds the physically
+smaller network (lottery.prune.compaction.compact), measures both networks (parameters,
+multiply-adds, file size), evaluates the compacted one, retrains it with the dense run's recipe
+from epoch 0 (as the Early-Bird paper retrains its tickets) and evaluates it again. The retrained
+compact model is saved to models/<task_id>.keras beside the result, and exported for CPU
+deployment to models/<task_id>.tflite (LiteRT); both networks' CPU images/s are measured in that
+export (lottery.points.inference). The retraining saves every complete epoch in the point's
+partial state, kept until the scheduler has written the result: a point stopped during its export
+or timing resumes there without retraining.
 """
 from __future__ import annotations
 
@@ -17,17 +19,26 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
+
 from common.atomic import atomic_path
 from common.paths import GridPaths
+from common.stop import StopToken
+from lottery.points.epoch_checkpoint import EpochCheckpoint
+from lottery.points.inference import LiteRTModel, inference_rate
+from lottery.points.recipe import Recipe, dense_recipe, open_dense_run, retrain
+from lottery.points.task import Task, TaskError
 from lottery.prune import masks as masks_mod
-from lottery.points.inference import LiteRTModel
+from lottery.prune.compaction import compact, model_cost
+from train.checkpoints import load_checkpoint
+from train.local_engine import configure_tensorflow
 
 log = logging.getLogger(__name__)
 
 # CPU inference is measured briefly on each of the two networks: a grid point's cost is its
 # retraining; the bench (bench/compaction_speedup.py) measures speed-ups carefully. Both networks
-# are timed as deployed on CPUs, exported to LiteRT (lottery.points.inference), in interleaved rounds so
-# machine load hits both alike.
+# are timed as deployed on CPUs, exported to LiteRT (lottery.points.inference), in interleaved
+# rounds so machine load hits both alike.
 INFERENCE_SECONDS = 1.0
 INFERENCE_ROUNDS = 3
 INFERENCE_BATCH = 32
@@ -36,27 +47,16 @@ INFERENCE_RUNTIME = "litert"
 # oversubscribed by a neighbouring rank ran 30x slower in the demo (2 ranks on 2 cores).
 INFERENCE_THREADS = 1
 
-_REQUIRED = ("task_id", "kind", "mask_id", "rewind", "control", "ratio", "criterion")
+
+def check_structured_task(task: Task) -> None:
+    """What a task of kind "structured" needs beyond a valid Task (TaskError naming the field)."""
+    task.require("mask_id", "ratio", "criterion")
+    if task.control != "none":
+        raise TaskError(f"task {task.task_id!r}: field control is {task.control!r}; structured "
+                        f"points have no controls ('none')")
 
 
-def _check_task(task: Mapping[str, Any]) -> str:
-    for field in _REQUIRED:
-        if field not in task:
-            raise ValueError(f"task {task.get('task_id', '?')}: field {field!r} is missing")
-    if task["kind"] != "structured":
-        raise ValueError(f"task {task['task_id']}: kind is {task['kind']!r}, expected 'structured'")
-    if task["control"] != "none":
-        raise ValueError(f"task {task['task_id']}: field control is {task['control']!r}; "
-                         f"structured points have no controls ('none')")
-    mask_id = str(task["mask_id"] or "")
-    # Becomes a file name under masks/: no separators or hidden names (no path traversal).
-    if not mask_id or mask_id.startswith(".") or not all(c.isalnum() or c in "-_." for c in mask_id):
-        raise ValueError(f"task {task['task_id']}: field mask_id {task['mask_id']!r} is not a safe "
-                         f"file name")
-    return mask_id
-
-
-def _evaluate(model, recipe) -> dict[str, float]:
+def _evaluate(model, recipe: Recipe) -> dict[str, float]:
     """Validation loss and accuracy of `model` as it is (compiled here for evaluation only)."""
     model.compile(loss=recipe.loss, metrics=["accuracy"])
     x = recipe.validation_data
@@ -81,10 +81,6 @@ def save_model(model, path: Path) -> Path:
 
 def _inference_rates(dense: LiteRTModel, small: LiteRTModel) -> tuple[float, float]:
     """Median CPU images/s of the exported dense and compact networks, interleaved."""
-    import numpy as np
-
-    from lottery.points.inference import inference_rate
-
     arms = (dense, small)
     rates: tuple[list[float], list[float]] = ([], [])
     for _ in range(INFERENCE_ROUNDS):
@@ -95,51 +91,50 @@ def _inference_rates(dense: LiteRTModel, small: LiteRTModel) -> tuple[float, flo
     return float(np.median(rates[0])), float(np.median(rates[1]))
 
 
-def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
-                        task: Mapping[str, Any], settings: Mapping[str, Any] | None = None
+def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: Task,
+                        settings: Mapping[str, Any] | None = None, stop: StopToken | None = None
                         ) -> dict[str, Any]:
     """Run one structured point of a grid; returns its result (the scheduler writes the file)."""
     import keras
 
-    from lottery.prune.compaction import compact, model_cost
-    from lottery.points.oneshot import dense_recipe, open_dense_run, retrain, task_fields
-    from train.checkpoints import load_checkpoint
-    from train.local_engine import configure_tensorflow
-
     t0 = time.perf_counter()
-    mask_id = _check_task(task)
+    check_structured_task(task)
     grid = GridPaths(Path(grid_dir))
-    mask, meta = masks_mod.load_mask(grid.mask(mask_id))
+    mask, meta = masks_mod.load_mask(grid.mask(task.mask_id))
     run = open_dense_run(run_dir)
     configure_tensorflow(run.settings)
-    keras.utils.set_random_seed(int(task.get("seed", 0)))
-    dense = load_checkpoint(run.paths.root, task["rewind"])
+    keras.utils.set_random_seed(task.seed)
+    dense = load_checkpoint(run.paths.root, task.rewind)
     # Retraining restarts the dense run's schedule: the ticket is a new, smaller network.
-    recipe = dense_recipe(run, epochs=task.get("epochs"), start_epoch=0.0)
-    log.info("task %s: %s channels at ratio %.3g drawn at %s, %d epochs", task["task_id"],
-             task["criterion"], float(task["ratio"]), task["rewind"], recipe.epochs)
+    recipe = dense_recipe(run, epochs=task.epochs, start_epoch=0.0)
+    log.info("task %s: %s channels at ratio %.3g drawn at %s, %d epochs", task.task_id,
+             task.criterion, task.ratio, task.rewind, recipe.epochs)
 
-    draw = _evaluate(dense, recipe)
+    # Both networks are measured as built, before anything compiles them: a compiled model's
+    # file also holds its compile config, which would count against one network only.
     dense_cost = model_cost(dense)
     small = compact(dense, mask)
     small_cost = model_cost(small)
+    draw = _evaluate(dense, recipe)
     before = _evaluate(small, recipe)
     log.info("task %s: compacted %d -> %d params, %d -> %d multiply-adds; accuracy %.4f at the "
-             "draw, %.4f compacted", task["task_id"], dense_cost["params"], small_cost["params"],
+             "draw, %.4f compacted", task.task_id, dense_cost["params"], small_cost["params"],
              dense_cost["flops"], small_cost["flops"], draw["accuracy"], before["accuracy"])
 
     # Every remaining weight of the compacted network trains: no mask to hold.
-    trained = retrain(small, {}, recipe, label=str(task["task_id"]))
-    model_path = save_model(small, grid.compact_model(str(task["task_id"])))
+    checkpoint = EpochCheckpoint.for_mask(grid.partial_state(task.task_id), task.task_id, {},
+                                          seed=task.seed)
+    trained = retrain(small, {}, recipe, label=task.task_id, checkpoint=checkpoint, stop=stop)
+    model_path = save_model(small, grid.compact_model(task.task_id))
     # Speed does not depend on weight values: the rewind checkpoint's dense network and the
     # retrained compact one, each as deployed; the latter's export is kept for deployment.
     small_export = LiteRTModel(small, INFERENCE_BATCH)
-    litert_path = small_export.save(grid.compact_litert(str(task["task_id"])))
+    litert_path = small_export.save(grid.compact_litert(task.task_id))
     dense_rate, small_rate = _inference_rates(LiteRTModel(dense, INFERENCE_BATCH), small_export)
     params_fraction = small_cost["params"] / dense_cost["params"]
     return {
-        **task_fields(task), "ratio": float(task["ratio"]), "criterion": task["criterion"],
-        "draw": task["rewind"], "draw_epoch": task.get("draw_epoch"), "mask_meta": meta,
+        **task.result_fields(), "ratio": float(task.ratio), "criterion": task.criterion,
+        "draw": task.rewind, "draw_epoch": task.draw_epoch, "mask_meta": meta,
         "params_dense": dense_cost["params"], "params": small_cost["params"],
         "flops_dense": dense_cost["flops"], "flops": small_cost["flops"],
         "file_bytes_dense": dense_cost["file_bytes"], "file_bytes": small_cost["file_bytes"],
@@ -155,6 +150,7 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
         # The counterpart of a magnitude point's sparsity: the fraction of parameters removed.
         "sparsity": 1.0 - params_fraction,
         "epochs": trained["epochs"], "history": trained["history"],
+        "resumed_from_epoch": trained["resumed_from_epoch"],
         "retrain_time_s": trained["wall_time_s"], "wall_time_s": time.perf_counter() - t0,
         "compact_model": str(model_path.relative_to(grid.root)),
         "compact_litert": str(litert_path.relative_to(grid.root)),

@@ -39,6 +39,11 @@ THRESHOLD_KINDS = ("sparsity", "quantile")
 _OPTIONAL = ("ratio", "criterion", "draw_epoch", "round_to", "params")
 
 
+# Copied into every result beside the point's measurements (the task's sparsity as target_sparsity).
+_IN_RESULTS = ("task_id", "kind", "mask_id", "base_mask_id", "rewind", "control", "scope", "threshold",
+               "imp_rounds", "imp_rate", "seed")
+
+
 class TaskError(ValueError):
     """A task that does not validate; the message names the task and the field."""
 
@@ -87,7 +92,7 @@ class Task:
         if isinstance(self.exclude, (str, bytes)) or not all(isinstance(p, str) for p in self.exclude):
             raise bad("exclude", "must be a list of weight-name patterns")
         object.__setattr__(self, "exclude", tuple(self.exclude))
-        for field, kind in (("epochs", int), ("imp_rounds", int), ("seed", int), ("round_to", int)):
+        for field in ("epochs", "imp_rounds", "seed", "round_to"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise bad(field, f"must be an integer, got {value!r}")
@@ -110,6 +115,19 @@ class Task:
         if "task_id" not in record:
             raise TaskError("a task has no field task_id")
         return cls(**dict(record))
+
+    def require(self, *fields: str) -> None:
+        """TaskError naming the task and the first of `fields` that is not set (what a kind of
+        task needs beyond the fields every task has)."""
+        for field in fields:
+            if getattr(self, field) is None:
+                raise TaskError(f"task {self.task_id!r}: field {field} is missing (a {self.kind} task "
+                                f"needs {', '.join(fields)})")
+
+    def result_fields(self) -> dict[str, Any]:
+        """The task's fields every result row carries (the report reads them from the result)."""
+        stored = self.to_dict()
+        return {k: stored[k] for k in _IN_RESULTS} | {"target_sparsity": self.sparsity}
 
     def to_dict(self) -> dict[str, Any]:
         out = {}

@@ -27,20 +27,16 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from lottery.prune import channels as structured
+from lottery.prune import keras_graph
+from lottery.prune.channel_graph import Analysis, channels_last, require_functional
+from lottery.prune.channel_masks import keeps_from_mask
 
 log = logging.getLogger(__name__)
 
 
-def _k():
-    import keras
-
-    return keras
-
-
 # ------------------------------------------------------------------------------------- compaction
 class _Rebuilder:
-    def __init__(self, analysis: structured.Analysis, keeps: Mapping[str, np.ndarray]):
+    def __init__(self, analysis: Analysis, keeps: Mapping[str, np.ndarray]):
         self.a = analysis
         self.keeps = keeps
         self.pairs: dict[int, tuple[Any, Any]] = {}   # id(old layer) -> (old, new): shared layers stay shared
@@ -49,28 +45,18 @@ class _Rebuilder:
         return None if gid is None else self.keeps.get(gid)
 
     def tensor_width(self, tensor) -> int:
-        space, repeat = self.a.state[id(tensor)]
-        sp = self.a.spaces
-        keep = self.kept(sp.label[sp.find(space)])
+        group, repeat = self.a.tensor_group(tensor)
+        keep = self.kept(group)
         return tensor.shape[-1] if keep is None else int(np.count_nonzero(keep)) * repeat
 
     def model(self, fmodel):
-        keras = _k()
-        from keras import tree
-
-        def new_input(t):
-            shape = tuple(t.shape[:-1]) + (self.tensor_width(t),)
-            # The InputLayer's own name (a nested model's input KerasTensor has a generated one).
-            return keras.Input(batch_shape=shape, dtype=t.dtype, name=t._keras_history.operation.name)
-
-        inputs = tree.map_structure(new_input, fmodel.input)
-        outputs = fmodel._run_through_graph(inputs, operation_fn=self.layer)
-        return keras.Model(inputs, outputs, name=fmodel.name)
+        return keras_graph.rebuild(fmodel, self.layer,
+                                   input_shape=lambda t: tuple(t.shape[:-1]) + (self.tensor_width(t),))
 
     def layer(self, old):
         if id(old) in self.pairs:
             return self.pairs[id(old)][1]
-        if isinstance(old, structured._functional_type()):
+        if keras_graph.is_functional(old):
             new = self.model(old)
         else:
             config = old.get_config()
@@ -114,12 +100,12 @@ class _Rebuilder:
 def compact(model, mask: Mapping[str, np.ndarray]):
     """A new, physically smaller Keras model computing what `model` masked by `mask` computes.
 
-    `mask`: a structured mask of `model` (from `structured.select_channels`, or loaded from its
+    `mask`: a structured mask of `model` (from `channel_masks.select_channels`, or loaded from its
     file); ValueError if it is not an exact channel mask. `model` itself is not changed and need
     not have been masked: the pruned channels are simply left out.
     """
-    analysis = structured.Analysis(model)
-    keeps = analysis.keeps_from_mask(mask)
+    analysis = Analysis(model)
+    keeps = keeps_from_mask(analysis, mask)
     rebuild = _Rebuilder(analysis, keeps)
     new = rebuild.model(model)
     rebuild.copy_weights()
@@ -147,56 +133,47 @@ class _Folder:
         self.pairs: dict[int, tuple[Any, Any]] = {}
 
     def plan(self, fmodel) -> None:
-        keras = _k()
+        import keras
+
         L = keras.layers
-        functional = structured._functional_type()
         uses: dict[int, int] = {}
-        for t in structured._flatten(fmodel.outputs):
+        for t in keras_graph.flatten(fmodel.outputs):
             uses[id(t)] = uses.get(id(t), 0) + 1
-        nodes = list(structured._nodes(fmodel))
-        for node in nodes:
-            for t in node.input_tensors:
+        calls = list(keras_graph.calls(fmodel))
+        for call in calls:
+            for t in call.inputs:
                 uses[id(t)] = uses.get(id(t), 0) + 1
         linear = keras.activations.linear
-        for node in nodes:
-            op = node.operation
-            if isinstance(op, functional):
+        for op, inputs, _ in calls:
+            if keras_graph.is_functional(op):
                 self.plan(op)
                 continue
-            if type(op) is not L.BatchNormalization or len(op._inbound_nodes) != 1 or len(node.input_tensors) != 1:
+            if type(op) is not L.BatchNormalization or keras_graph.call_count(op) != 1 or len(inputs) != 1:
                 continue
-            x = node.input_tensors[0]
+            x = inputs[0]
             axis = op.axis if isinstance(op.axis, int) else None
             if axis not in (-1, len(x.shape) - 1) or uses.get(id(x), 0) != 1:
                 continue
-            producer = x._keras_history.operation
+            producer = keras_graph.producer(x)
             if (type(producer) not in (L.Conv2D, L.DepthwiseConv2D, L.Dense)
-                    or len(producer._inbound_nodes) != 1 or id(producer) in self.folds
+                    or keras_graph.call_count(producer) != 1 or id(producer) in self.folds
                     or getattr(producer, "activation", linear) is not linear
                     or getattr(producer, "quantization_mode", None) or getattr(producer, "lora_enabled", False)
-                    or not structured._channels_last(producer)
+                    or not channels_last(producer)
                     or (type(producer) is L.Conv2D and producer.groups != 1)):
                 continue
             self.folds[id(producer)] = op
             self.folded_bns.add(id(op))
 
     def model(self, fmodel):
-        keras = _k()
-        from keras import tree
-
-        def new_input(t):
-            return keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype, name=t._keras_history.operation.name)
-
-        inputs = tree.map_structure(new_input, fmodel.input)
-        outputs = fmodel._run_through_graph(inputs, operation_fn=self.layer)
-        return keras.Model(inputs, outputs, name=fmodel.name)
+        return keras_graph.rebuild(fmodel, self.layer)
 
     def layer(self, old):
         if id(old) in self.folded_bns:
             return _identity
         if id(old) in self.pairs:
             return self.pairs[id(old)][1]
-        if isinstance(old, structured._functional_type()):
+        if keras_graph.is_functional(old):
             new = self.model(old)
         else:
             config = old.get_config()
@@ -218,9 +195,8 @@ class _Folder:
 def _copy_weights(pairs, values_of, what: str) -> None:
     """Assign each rebuilt layer the values `values_of(old layer)` gives, by variable name, after
     checking that the rebuilt layer has exactly those variables in exactly those shapes."""
-    functional = structured._functional_type()
     for old, new in pairs.values():
-        if isinstance(old, functional):  # nested models hold no variables of their own
+        if keras_graph.is_functional(old):  # nested models hold no variables of their own
             continue
         values = values_of(old)
         targets = {v.name: v for v in new.weights}
@@ -238,7 +214,9 @@ def _copy_weights(pairs, values_of, what: str) -> None:
 def _folded(layer, bn, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """`layer`'s kernel and bias with `bn`'s inference map y = (x - mean) / sqrt(var + eps) * gamma + beta
     folded in (in float64, so the folded model differs from the original by float32 rounding only)."""
-    L = _k().layers
+    import keras
+
+    L = keras.layers
     var = np.asarray(bn.moving_variance.numpy(), np.float64)
     scale = 1.0 / np.sqrt(var + float(bn.epsilon))
     if bn.gamma is not None:
@@ -268,7 +246,7 @@ def fold_batchnorm(model):
     For inference only: the folded model has no batch statistics to train with. Nested functional
     models are folded inside; layer names are kept; `model` is not changed.
     """
-    structured._check_graph_model(model)
+    require_functional(model)
     folder = _Folder()
     folder.plan(model)
     new = folder.model(model)
@@ -288,13 +266,11 @@ def _known(shape, what: str, layer) -> list[int]:
 
 def layer_flops(layer, inputs, outputs) -> int:
     """Multiply-accumulates of one layer call at batch 1 (0 for layers that are not counted)."""
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
+    import keras
 
-    L = _k().layers
-    if not isinstance(layer, (BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv, L.Dense)):
+    L = keras.layers
+    conv = keras_graph.conv_types()
+    if not isinstance(layer, (*conv, L.Dense)):
         return 0
     if getattr(layer, "data_format", "channels_last") == "channels_first":
         raise ValueError(f"FLOPs of layer {layer.name!r}: channels_first is not supported")
@@ -304,18 +280,20 @@ def layer_flops(layer, inputs, outputs) -> int:
     if isinstance(layer, L.Dense):
         return positions * in_c * int(layer.units)
     window = int(np.prod(layer.kernel_size, dtype=np.int64))
-    if isinstance(layer, BaseDepthwiseConv):
+    if isinstance(layer, conv.depthwise):
         return positions * y[-1] * window
-    if isinstance(layer, BaseSeparableConv):
+    if isinstance(layer, conv.separable):
         mid = in_c * int(layer.depth_multiplier)
         return positions * mid * window + positions * mid * y[-1]
-    if isinstance(layer, BaseConvTranspose):
+    if isinstance(layer, conv.transpose):
         return int(np.prod(x[:-1], dtype=np.int64)) * window * in_c * y[-1]
     return positions * y[-1] * window * in_c // int(getattr(layer, "groups", 1) or 1)
 
 
 def model_flops(model) -> int:
-    return int(sum(layer_flops(layer, ins, outs) for layer, ins, outs in structured.flat_nodes(model)))
+    """Multiply-accumulates of every layer call at batch 1, nested functional models included."""
+    require_functional(model)
+    return int(sum(layer_flops(layer, ins, outs) for layer, ins, outs in keras_graph.walk_calls(model)))
 
 
 def file_bytes(model) -> int:

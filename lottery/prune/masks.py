@@ -30,8 +30,9 @@ from common.atomic import atomic_output
 Mask = dict[str, np.ndarray]
 SCOPES = ("global", "layer")
 META_KEY = "__meta__"
-# A mask file is read whole into memory: refuse anything whose uncompressed size exceeds this.
-MAX_MASK_BYTES = int(os.environ.get("BIGTICKET_MAX_MASK_BYTES", 4 << 30))
+# A mask file is read whole into memory: load_mask refuses, by default, anything whose
+# uncompressed size exceeds this.
+MAX_MASK_BYTES = 4 << 30
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -267,17 +268,17 @@ def save_mask(path: str | os.PathLike, mask: Mapping[str, np.ndarray], meta: Map
         np.savez_compressed(fh, **arrays)
 
 
-def load_mask(path: str | os.PathLike, max_bytes: int | None = None) -> tuple[Mask, dict]:
-    """Read a mask file written by save_mask: (mask, meta). Refuses pickles and oversized archives."""
+def load_mask(path: str | os.PathLike, max_bytes: int = MAX_MASK_BYTES) -> tuple[Mask, dict]:
+    """Read a mask file written by save_mask: (mask, meta). Refuses pickles and archives that
+    expand to more than `max_bytes`."""
     path = Path(path)
-    limit = MAX_MASK_BYTES if max_bytes is None else max_bytes
     try:
         with zipfile.ZipFile(path) as zf:
             size = sum(info.file_size for info in zf.infolist())
     except (zipfile.BadZipFile, OSError) as err:
         raise ValueError(f"{path}: not a readable mask file ({err})") from None
-    if size > limit:
-        raise ValueError(f"{path}: mask archive expands to {size} bytes, over the limit of {limit}")
+    if size > max_bytes:
+        raise ValueError(f"{path}: mask archive expands to {size} bytes, over the limit of {max_bytes}")
     mask: Mask = {}
     meta: dict = {}
     try:

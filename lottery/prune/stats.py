@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from common.atomic import write_json
+from lottery.prune import keras_graph
 
 # Kernel variable names (the last component of the Keras variable path) that are prunable.
 KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
@@ -19,22 +20,11 @@ KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 PERCENTS = tuple(range(0, 90, 10)) + tuple(range(90, 100))
 
 
-def _prunable_layer_types() -> tuple[type, ...]:
-    from keras.src.layers import Dense, EinsumDense
-    from keras.src.layers.convolutional.base_conv import BaseConv
-    from keras.src.layers.convolutional.base_conv_transpose import BaseConvTranspose
-    from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
-    from keras.src.layers.convolutional.base_separable_conv import BaseSeparableConv
-
-    return (Dense, EinsumDense, BaseConv, BaseConvTranspose, BaseDepthwiseConv, BaseSeparableConv)
-
-
 def prunable_variables(model) -> dict[str, Any]:
     """Keras variables of the prunable kernels, by variable path, in model order."""
-    types = _prunable_layer_types()
+    types = keras_graph.prunable_layer_types()
     found: dict[str, Any] = {}
-    # _flatten_layers walks nested models too; Keras has no public recursive walk.
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in keras_graph.all_layers(model):
         if not isinstance(layer, types):
             continue
         for var in layer.weights:

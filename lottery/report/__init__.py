@@ -1,1 +1,2 @@
-"""Reading a grid's results: tables, statistics, plots, progress and the report files."""
+"""A grid's report: read results (results), tables (tables), plots (plots), the report files (build)
+and the progress of a running grid (progress)."""

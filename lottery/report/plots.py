@@ -7,6 +7,7 @@ from pathlib import Path
 
 from common.atomic import write_bytes
 from common.paths import GridPaths
+from lottery.report.results import point_history
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,11 @@ def accuracy_vs_sparsity(path: Path, rows: list[dict], rewinds: list[str], dense
 
 def training_curves(path: Path, records: list[dict], pick: list[str]) -> Path:
     """Validation accuracy per epoch of the selected points."""
-    from lottery.report.build import history_rows
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     by_id = {r["task_id"]: r for r in records}
     for task_id in pick:
-        rows = history_rows(by_id[task_id].get("result") or {})
+        rows = point_history(by_id[task_id].get("result") or {})
         pts = [(r.get("epoch", i + 1), r["val_accuracy"]) for i, r in enumerate(rows)
                if r.get("val_accuracy") is not None]
         if pts:
@@ -102,7 +101,7 @@ def imp_curve(path: Path, records: list[dict], rows: list[dict], dense: float | 
     chains = [r for r in records if r["task"].get("kind") == "imp"]
     for i, rec in enumerate(chains):
         pts = sorted((1.0 - float(rnd["sparsity"]), float(rnd["accuracy"]))
-                     for rnd in rec["result"].get("rounds") or []
+                     for rnd in (rec.get("result") or {}).get("rounds") or []
                      if rnd.get("sparsity") is not None and rnd.get("accuracy") is not None)
         if pts:
             xs, ys = zip(*pts)
@@ -225,8 +224,8 @@ def early_bird_heatmap(path: Path, epochs: list[int], distances, drawn_epoch: in
 
 def write_plots(grid: GridPaths, records: list[dict], rows: list[dict], rewinds: list[str],
                 dense: float | None) -> list[Path]:
-    """Every plot the data allows (the Early-Bird heat map is lottery.report.build's, as it reads the
-    dense run); returns their paths."""
+    """Every plot of the grid's results the data allows (the Early-Bird heat map, drawn from the
+    dense run's files, is written by lottery.report.build); returns their paths."""
     out = []
     if any(r["kind"] == "oneshot" for r in rows):
         out.append(accuracy_vs_sparsity(grid.plots / "accuracy_vs_sparsity.png", rows, rewinds, dense))

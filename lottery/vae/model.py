@@ -23,6 +23,7 @@ from typing import Sequence
 import keras
 import numpy as np
 from keras import layers, ops
+from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,6 @@ class _EpochLog(keras.callbacks.Callback):
 
     def __init__(self, epochs: int, what: str):
         super().__init__()
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=epochs, desc=what, unit="epoch", leave=False)
         self.what = what
 

@@ -21,11 +21,9 @@ only the missing rows, on the saved trained weights.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import logging
 import zlib
-from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
@@ -33,19 +31,22 @@ import pydantic
 
 from common.atomic import atomic_path, read_json, write_json, write_text
 from common.paths import VaeStudyPaths
-from common.settings import settings_dataclass, settings_hash, settings_to_dict
-from lottery.prune.criteria import filter_scores, keep_mask
+from common.settings import identity_hash, settings_dataclass, settings_to_dict
+from lottery.prune.criteria import WEIGHT_CRITERIA, filter_scores, keep_mask
 
 log = logging.getLogger(__name__)
 
-VAE_CRITERIA = ("l1", "l2", "fpgm")
+VAE_CRITERIA = WEIGHT_CRITERIA  # the neuron's incoming weights rank it, as a filter's do
+# Where the data and outputs live (and the memory guard) do not change a study's results: the
+# identity hashes these values in their place.
+NON_IDENTITY_FIELDS = {"data": ".", "out": ".", "max_records": 1}
 # ITU-R 601 luma, as tf.image.rgb_to_grayscale: the dataset stores every image as RGB JPEG.
 _LUMA = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
 _EVAL_BATCH = 1024
 
 
 def _split(value):
-    """'0.2,0.5' from a flag or a config file -> ['0.2', '0.5']; lists pass through."""
+    """'0.2,0.5' from a config file -> ['0.2', '0.5']; lists pass through."""
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return value
@@ -53,24 +54,39 @@ def _split(value):
 
 @settings_dataclass
 class VaeStudySettings:
-    data: str                                           # dataset directory written by `bigticket etl`
-    out: str = "runs"                                   # study directory: out/vae-<hash>
-    hidden: tuple[int, ...] = (256, 128)                # encoder hidden widths, input side first
-    decoder_hidden: Optional[tuple[int, ...]] = None    # None: the encoder's, mirrored
-    latent_dim: int = pydantic.Field(default=8, ge=1, le=4096)
-    activation: Literal["relu", "elu", "tanh", "gelu", "swish"] = "relu"
-    epochs: int = pydantic.Field(default=30, ge=1, le=100_000)
-    finetune_epochs: int = pydantic.Field(default=5, ge=0, le=100_000)
-    batch_size: int = pydantic.Field(default=64, ge=1, le=1 << 20)
-    lr: float = pydantic.Field(default=1e-3, gt=0, le=10)
-    finetune_lr: Optional[float] = pydantic.Field(default=None, gt=0, le=10)  # None: lr
-    criteria: tuple[Literal["l1", "l2", "fpgm"], ...] = VAE_CRITERIA
-    ratios: tuple[float, ...] = (0.2, 0.5, 0.8)         # fraction of each hidden layer's neurons
-    seed: int = pydantic.Field(default=0, ge=0, le=2**31 - 1)
-    image_size: Optional[int] = pydantic.Field(default=None, ge=1, le=512)  # None: the dataset's
-    format: Optional[Literal["tfrecord", "parquet"]] = None                 # None: the dataset's
+    data: str = pydantic.Field(description="dataset directory written by `bigticket etl` (e.g. "
+                                           "digits)")
+    out: str = pydantic.Field(default="runs", description="root of the study directory "
+                                                          "out/vae-<hash>")
+    hidden: tuple[int, ...] = pydantic.Field(
+        default=(256, 128), description="encoder hidden widths, input side first")
+    decoder_hidden: Optional[tuple[int, ...]] = pydantic.Field(
+        default=None, description="decoder hidden widths (default: the encoder's, mirrored)")
+    latent_dim: int = pydantic.Field(default=8, ge=1, le=4096, description="latent units")
+    activation: Literal["relu", "elu", "tanh", "gelu", "swish"] = pydantic.Field(
+        default="relu", description="hidden activation")
+    epochs: int = pydantic.Field(default=30, ge=1, le=100_000,
+                                 description="training epochs of the VAE")
+    finetune_epochs: int = pydantic.Field(default=5, ge=0, le=100_000,
+                                          description="fine-tuning epochs of each pruned VAE")
+    batch_size: int = pydantic.Field(default=64, ge=1, le=1 << 20, description="batch size")
+    lr: float = pydantic.Field(default=1e-3, gt=0, le=10, description="Adam learning rate")
+    finetune_lr: Optional[float] = pydantic.Field(
+        default=None, gt=0, le=10, description="fine-tuning learning rate (default: --lr)")
+    criteria: tuple[Literal[VAE_CRITERIA], ...] = pydantic.Field(
+        default=VAE_CRITERIA, description="neuron criteria")
+    ratios: tuple[float, ...] = pydantic.Field(
+        default=(0.2, 0.5, 0.8), description="fractions of each hidden layer's neurons to remove")
+    seed: int = pydantic.Field(default=0, ge=0, le=2**31 - 1,
+                               description="seed of initialisation, shuffling and noise")
+    image_size: Optional[int] = pydantic.Field(
+        default=None, ge=1, le=512, description="side images are resized to (default: the "
+                                                "dataset's)")
+    format: Optional[Literal["tfrecord", "parquet"]] = pydantic.Field(
+        default=None, description="shard format to read (default: the dataset's)")
     # The study holds its pixels in memory: refuse splits larger than this rather than swap.
-    max_records: int = pydantic.Field(default=200_000, ge=1)
+    max_records: int = pydantic.Field(
+        default=200_000, ge=1, description="refuse larger splits (pixels are held in memory)")
 
     @pydantic.field_validator("hidden", "decoder_hidden", "criteria", "ratios", mode="before")
     @classmethod
@@ -113,9 +129,11 @@ class VaeStudySettings:
         for v in value:
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{v} must lie in [0, 1)")
-        # Row ids carry 4 decimals: two ratios equal to 4 decimals would share a row file.
-        if len({round(v, 4) for v in value}) != len(value):
-            raise ValueError(f"ratios must differ in the first 4 decimals: {list(value)}")
+        # Row ids carry the ratio's 4-digit tag: two ratios with one tag would share a row file.
+        tags = [_ratio_tag(v) for v in value]
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"values must differ in the first 4 decimals: {list(value)} give the "
+                             f"row tags {tags}")
         return value
 
     @property
@@ -132,17 +150,21 @@ class VaeStudySettings:
         return [(c, r, row_id(c, r)) for c in self.criteria for r in self.ratios]
 
 
+def _ratio_tag(ratio: float) -> str:
+    """0.5 -> '5000': the ratio in ten-thousandths, as row ids carry it."""
+    return f"{round(ratio * 10000):04d}"
+
+
 def row_id(criterion: str, ratio: float) -> str:
-    return f"{criterion}-r{round(ratio * 10000):04d}"
+    return f"{criterion}-r{_ratio_tag(ratio)}"
 
 
 
 
 def study_hash(settings: VaeStudySettings, manifest_sha256: str) -> str:
-    """Identity of a study: where the data and outputs live (and the memory guard) do not change
-    its results, the dataset's content (manifest sha256) does."""
-    portable = dataclasses.replace(settings, data=".", out=".", max_records=1)
-    return settings_hash(portable, extra={"manifest_sha256": manifest_sha256})
+    """Identity of a study: its settings but NON_IDENTITY_FIELDS, and the dataset's content."""
+    return identity_hash(settings, neutral=NON_IDENTITY_FIELDS,
+                         extra={"manifest_sha256": manifest_sha256})
 
 
 # ------------------------------------------------------------------------------------------ data

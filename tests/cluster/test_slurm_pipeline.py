@@ -111,9 +111,9 @@ def test_the_whole_chain_succeeds_under_slurm(slurm, tmp_path, monkeypatch, spar
     assert verify_dataset(dataset, spark=spark).ok
     run = Path((runs / ".pipeline" / "train.run").read_text().strip())
     assert run.parent == runs and (run / "_SUCCESS").is_file()
-    grid = GridPaths(Path((runs / ".pipeline" / "lottery.grid.plan").read_text().strip()))
+    grid = GridPaths(Path((runs / ".pipeline" / "lottery.grid").read_text().strip()))
     assert grid.root.parent == run
-    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    ids = {t.task_id for t in load_tasks(grid.root)}
     assert len(ids) == 2 and done_ids(grid) == ids
     for task_id in ids:
         result = read_json(grid.result(task_id))["result"]

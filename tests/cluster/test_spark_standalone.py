@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.slurm_cluster import (PYTHON, REPO, processes_mentioning, stop_processes,
-                                        tiny_image_folder)
+from tests.cluster.slurm_cluster import PYTHON, REPO, processes_mentioning, stop_processes, tiny_image_folder
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 

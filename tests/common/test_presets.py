@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.presets import PRESETS, preset
 from common.atomic import read_json, write_json
 from common.paths import DenseRunPaths, GridPaths
+from common.presets import PRESETS, preset
 from common.settings import make_settings
 from lottery.grid.plan import load_plan
 from lottery.grid.settings import GridSettings
@@ -83,20 +83,20 @@ def test_plan_with_the_preset_plans_the_early_bird_grid(resnet_run, capsys):
     assert record["settings"]["draw"] == ["10ep", "30ep", "50ep", "100ep"]
     assert record["settings"]["early_bird"] is True and record["settings"]["epochs"] == 160
     tasks = record["tasks"]
-    assert sorted((t["rewind"], t["ratio"]) for t in tasks) == sorted(
+    assert sorted((t.rewind, t.ratio) for t in tasks) == sorted(
         (d, r) for d in ("10ep", "30ep", "50ep", "100ep", "early_bird") for r in (0.3, 0.5))
-    assert {t["kind"] for t in tasks} == {"structured"} and {t["criterion"] for t in tasks} == {"bn"}
-    eb = [t for t in tasks if t["rewind"] == "early_bird"]
-    assert {t["draw_epoch"] for t in eb} == {22.0}
+    assert {t.kind for t in tasks} == {"structured"} and {t.criterion for t in tasks} == {"bn"}
+    eb = [t for t in tasks if t.rewind == "early_bird"]
+    assert {t.draw_epoch for t in eb} == {22.0}
     for t in tasks:
-        assert grid.mask(t["mask_id"]).is_file()
+        assert grid.mask(t.mask_id).is_file()
     # Flags override the preset: one ratio, one draw point, no Early-Bird draw, another criterion.
     assert main(["plan", "--run", str(resnet_run.root), "--preset", NAME, "--channel-ratios", "0.5",
                  "--draw", "30ep", "--no-early-bird", "--criterion", "l1"]) == 0
     other = GridPaths(capsys.readouterr().out.strip().splitlines()[-1])
     assert other.root != grid.root
     (task,) = load_plan(other.root)["tasks"]
-    assert (task["rewind"], task["ratio"], task["criterion"], task["scope"]) == ("30ep", 0.5, "l1", "layer")
+    assert (task.rewind, task.ratio, task.criterion, task.scope) == ("30ep", 0.5, "l1", "layer")
     assert read_json(other.settings)["settings"]["early_bird"] is False
 
 

@@ -1,9 +1,10 @@
+import dataclasses
 import json
+from typing import Literal
 
 import pytest
 
-from common.settings import (SettingsError, load_settings_file, make_settings,
-                             settings_dataclass, settings_hash)
+from common.settings import SettingsError, identity_hash, load_settings_file, make_settings, settings_dataclass
 
 
 @settings_dataclass
@@ -25,16 +26,16 @@ def test_wrong_type_names_the_field():
 
 def test_settings_are_frozen():
     s = make_settings(Example, {"epochs": 2})
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         s.epochs = 3  # type: ignore[misc]
 
 
 def test_hash_is_stable_and_sensitive():
     a = make_settings(Example, {"epochs": 2})
     # Pinned: a change here means every existing run directory would be renamed.
-    assert settings_hash(a) == "b549602c"
-    assert settings_hash(a) == settings_hash(make_settings(Example, {"epochs": 2, "lr": 0.1}))
-    assert settings_hash(a) != settings_hash(make_settings(Example, {"epochs": 3}))
+    assert identity_hash(a) == "b549602c"
+    assert identity_hash(a) == identity_hash(make_settings(Example, {"epochs": 2, "lr": 0.1}))
+    assert identity_hash(a) != identity_hash(make_settings(Example, {"epochs": 3}))
 
 
 @settings_dataclass
@@ -48,10 +49,10 @@ def test_hash_omits_a_later_field_only_at_the_given_value():
     Older.__name__ = Example.__name__
     older = make_settings(Older, {"epochs": 2, "lr": 0.1})
     a = make_settings(Example, {"epochs": 2})
-    assert settings_hash(a) != settings_hash(older)
-    assert settings_hash(a, omit={"name": "x"}) == settings_hash(older)
+    assert identity_hash(a) != identity_hash(older)
+    assert identity_hash(a, omit_defaults={"name": "x"}) == identity_hash(older)
     changed = make_settings(Example, {"epochs": 2, "name": "y"})
-    assert settings_hash(changed, omit={"name": "x"}) != settings_hash(older)
+    assert identity_hash(changed, omit_defaults={"name": "x"}) != identity_hash(older)
 
 
 def test_yaml_and_json_files(tmp_path):
@@ -63,3 +64,27 @@ def test_yaml_and_json_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(SettingsError, match="bad.yaml"):
         load_settings_file(tmp_path / "bad.yaml")
+
+
+def test_identity_hash_neutral_fields_omissions_and_inputs():
+    a = make_settings(Example, {"epochs": 2, "name": "here"})
+    moved = make_settings(Example, {"epochs": 2, "name": "there"})
+    # A neutral field (where things live) does not change the name; its neutral value is hashed.
+    assert identity_hash(a, neutral={"name": ""}) == identity_hash(moved, neutral={"name": ""})
+    assert identity_hash(a, neutral={"name": ""}) == identity_hash(make_settings(Example, {"epochs": 2, "name": ""}))
+    # Omitted fields are left out whatever they hold.
+    assert identity_hash(a, omit=["name"]) == identity_hash(moved, omit=["name"])
+    assert identity_hash(a, omit=["name"]) != identity_hash(a)
+    # The identities of the inputs are part of the name.
+    assert identity_hash(a, extra={"manifest_sha256": "ab"}) != identity_hash(a, extra={"manifest_sha256": "cd"})
+    with pytest.raises(ValueError, match="no fields"):
+        identity_hash(a, neutral={"nmae": ""})
+
+
+def test_literal_errors_read_like_a_choice():
+    @settings_dataclass
+    class Choice:
+        kind: Literal["a", "b"] = "a"
+
+    with pytest.raises(SettingsError, match=r"^invalid Choice: kind: invalid choice: 'c' \(choose from 'a', 'b'\)$"):
+        make_settings(Choice, {"kind": "c"})

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from etl.images import (EncodedImage, ImageLimits, ResizePolicy, decode, process_image)
+from etl.images import EncodedImage, ImageLimits, ResizePolicy, decode, process_image
 from etl.records import REASONS, Rejected
 from tests.etl import corpus
 

@@ -7,8 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from etl.parquet_io import (SCHEMA, ParquetShardError, iter_parquet, open_parquet,
-                            write_parquet)
+from etl.parquet_io import SCHEMA, ParquetShardError, iter_parquet, open_parquet, write_parquet
 from tests.etl.test_shard_writer import make_rows
 
 

@@ -12,11 +12,11 @@ from sklearn.datasets import load_digits
 import tests.etl.test_sources_folder as folder_tests
 from common.settings import make_settings
 from etl.settings import EtlSettings
-from etl.sources.registry import make_source
 from etl.sources.cifar import CifarSource
 from etl.sources.digits import MARKER, DigitsSource, cache_dir
 from etl.sources.folder import FolderSource
 from etl.sources.imagenet_tar import TarSource
+from etl.sources.registry import make_source
 from etl.sources.urls import UrlSource
 
 

@@ -153,7 +153,7 @@ def test_list_parsing_records_and_downloads(server, tmp_path):
         "n01 no tab here",
         f"n01\t{server.url('/img/good')}",            # duplicate of line 3
         f"n03\t{server.url('/img/good?x=3')}\tsomewhere",
-        f"n01\tftp://example.org/a.jpg",
+        "n01\tftp://example.org/a.jpg",
         f"bad/label\t{server.url('/img/good?x=4')}",
     ]
     path = tmp_path / "urls.tsv"

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from etl.tfrecord import (CorruptRecordError, TFRecordWriter, decode_example, encode_example,
-                          iter_records, masked_crc32c)
+from etl.tfrecord import CorruptRecordError, TFRecordWriter, decode_example, encode_example, iter_records, masked_crc32c
 from tests.etl.test_shard_writer import make_rows
+
 
 # The feature spec of the TensorFlow reference ImageNet readers.
 def _imagenet_spec(tf):

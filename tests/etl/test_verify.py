@@ -17,8 +17,7 @@ from PIL import Image
 import etl.verify
 from common.atomic import write_json
 from common.paths import DatasetPaths
-from etl.manifest import (DatasetError, load_manifest, manifest_sha256, shard_entries,
-                          validate_manifest)
+from etl.manifest import DatasetError, load_manifest, manifest_sha256, shard_entries, validate_manifest
 from etl.shard_writer import write_shard
 from etl.verify import MAX_PROBLEMS_PER_SHARD, add_arguments, run, verify_dataset, verify_shard
 from tests.etl.test_shard_writer import NAMES, SYNSETS, make_rows

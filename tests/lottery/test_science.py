@@ -15,13 +15,13 @@ import logging
 import numpy as np
 import pytest
 
+from lottery.points.imp import run_imp
+from lottery.points.recipe import Recipe, retrain
+from lottery.prune import masks
+from lottery.prune.stats import prunable_weights
+
 keras = pytest.importorskip("keras")
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
-
-from lottery.prune import masks
-from lottery.points.imp import run_imp
-from lottery.points.oneshot import Recipe, retrain
-from lottery.prune.stats import prunable_weights
 
 SEED = 0
 EPOCHS = 10
@@ -40,9 +40,9 @@ def _digits():
 
 @pytest.mark.slow
 def test_imp_winning_tickets_on_digits(tmp_path):
-    from train.models import build_model
-
     import tensorflow as tf
+
+    from train.models import build_model
 
     # As the dense runs do (train.local_engine.configure_tensorflow): same seed, same numbers.
     tf.config.experimental.enable_op_determinism()
@@ -68,7 +68,9 @@ def test_imp_winning_tickets_on_digits(tmp_path):
         keras.utils.set_random_seed(SEED)
         return model
 
-    path = lambda r: tmp_path / f"imp-r{r:02d}.npz"
+    def path(r):
+        return tmp_path / f"imp-r{r:02d}.npz"
+
     rounds = run_imp(rewind, final, recipe, rounds=ROUNDS, rate=RATE, mask_path=path)
     table = {round(r["sparsity"], 4): r["accuracy"] for r in rounds}
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))

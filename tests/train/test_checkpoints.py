@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from train.checkpoints import RewindPoint, rewind_steps, save_weights_atomic
+from train.models import build_model
 
 
 def test_rewind_points_parse_and_become_steps():
@@ -26,8 +27,6 @@ def test_rewind_point_past_the_end_is_refused_with_the_numbers():
 
 def test_weights_are_written_atomically_with_optimizer_state(tmp_path):
     import keras
-
-    from train.models import build_model
 
     keras.utils.set_random_seed(0)
     model = build_model("lenet_300_100", 3, 4)
@@ -54,12 +53,10 @@ def test_weights_are_written_atomically_with_optimizer_state(tmp_path):
 
 
 def test_a_failed_save_leaves_nothing_under_the_final_name(tmp_path):
-    from train.models import build_model
-
     model = build_model("lenet_300_100", 3, 4)
     target = tmp_path / "init.weights.h5"
     (tmp_path / "blocker").mkdir()
-    with pytest.raises(Exception):
+    with pytest.raises(OSError):
         save_weights_atomic(model, tmp_path / "blocker")  # a directory cannot be replaced by a file
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["blocker"]

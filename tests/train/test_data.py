@@ -7,6 +7,8 @@ import hashlib
 import numpy as np
 import pytest
 
+from etl.manifest import DatasetError
+from etl.parquet_io import iter_parquet
 from train.data import make_dataset, open_dataset
 
 
@@ -20,8 +22,6 @@ def _records(ds) -> list[tuple[str, int]]:
 
 
 def _parquet_labels(info, split):
-    from etl.parquet_io import iter_parquet
-
     return collections.Counter(row["label"] for f in info.shard_files(split, "parquet")
                                for row in iter_parquet(f.path, columns=("label",)))
 
@@ -105,8 +105,6 @@ def test_shard_files_stream_exactly_the_given_shards(digits, tmp_path):
 
 
 def test_refuses_unfinished_or_damaged_datasets(digits_copy):
-    from etl.manifest import DatasetError
-
     shard = sorted((digits_copy / "train").glob("*.tfrecord"))[1]
     data = shard.read_bytes()
     shard.write_bytes(data[:-10])

@@ -2,11 +2,13 @@
 ResNet-20 (width 2), real Keras training, a real killed subprocess."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +20,16 @@ import pytest
 
 from bigticket.cli import main
 from common.paths import DenseRunPaths
+from common.presets import preset
+from train.checkpoints import load_checkpoint
+from train.cli import add_arguments, settings_from_args
+from train.early_bird import bn_channel_mask, bn_gammas, bn_layers, hamming, read_masks
+from train.local_engine import compile_kwargs, model_builder, optimizer_builder
+from train.models import BATCHNORM_MODELS, MODELS, build_model
+from train.run import run_hash
+from train.run_files import read_history, record_identity
+from train.settings import LATER_FIELD_DEFAULTS, DenseSettings
+from train.spark_worker import WorkerSpec, build_compiled
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--model", "resnet20", "--model-option", "width=2", "--batch-size", "64", "--lr", "0.1",
@@ -40,8 +52,6 @@ def _train(argv) -> DenseRunPaths:
 
 
 def _gammas(model) -> np.ndarray:
-    from train.early_bird import bn_gammas
-
     return np.concatenate([np.abs(g.numpy()) for _, g in bn_gammas(model)])
 
 
@@ -71,11 +81,6 @@ def test_bad_early_bird_settings_fail_before_training(digits_dir, tmp_path, caps
 
 
 def test_preset_values_are_overridden_by_flags(digits_dir):
-    import argparse
-
-    from common.presets import preset
-    from train.cli import add_arguments, settings_from_args
-
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["dense", "--preset", "early-bird-resnet20", "--data", str(digits_dir),
@@ -90,25 +95,19 @@ def test_preset_values_are_overridden_by_flags(digits_dir):
 
 
 def test_new_fields_at_their_defaults_keep_old_run_identities(digits):
-    from train.run import _identity, run_hash
-    from train.settings import LATER_FIELD_DEFAULTS, DenseSettings
-
     s = DenseSettings(data="/d", model="resnet20", input_size=16, format="tfrecord", num_classes=10)
     assert {k: getattr(s, k) for k in LATER_FIELD_DEFAULTS} == LATER_FIELD_DEFAULTS
     # A settings record written before the fields existed matches today's record of the same run.
     new = {"settings": dataclasses.asdict(s), "steps_per_epoch": 3}
     old = {"settings": {k: v for k, v in new["settings"].items() if k not in LATER_FIELD_DEFAULTS},
            "steps_per_epoch": 3}
-    assert _identity(old) == _identity(new)
+    assert record_identity(old) == record_identity(new)
     assert run_hash(dataclasses.replace(s, bn_l1=1e-4), digits) != run_hash(s, digits)
     assert run_hash(dataclasses.replace(s, early_bird=True), digits) != run_hash(s, digits)
 
 
 def test_batchnorm_registry_matches_the_built_models():
     import keras
-
-    from train.early_bird import bn_layers
-    from train.models import BATCHNORM_MODELS, MODELS, build_model
 
     small = {"mobilenet_v2": {"alpha": 0.35}, "conv_small": {"blocks": 1, "width": 0.125, "dense": 4},
              **{n: {"width": 1} for n in ("resnet20", "resnet44", "resnet56")}}
@@ -124,10 +123,6 @@ def test_the_worker_model_path_carries_the_penalty_into_the_training_loss():
     with train_on_batch: the loss they minimise is the data loss + bn_l1 * sum |gamma|."""
     import keras
     from pyspark import cloudpickle
-
-    from train.local_engine import compile_kwargs, model_builder, optimizer_builder
-    from train.settings import DenseSettings
-    from train.spark_worker import WorkerSpec, build_compiled
 
     s = DenseSettings(data="/d", model="resnet20", model_options={"width": 1}, input_size=8,
                       format="tfrecord", num_classes=10, seed=1, bn_l1=0.01)
@@ -145,16 +140,12 @@ def test_the_worker_model_path_carries_the_penalty_into_the_training_loss():
 
 
 def _gammas_layers(model):
-    from train.early_bird import bn_layers
-
     return bn_layers(model)
 
 
 def test_bn_l1_shrinks_the_gammas_and_the_model_still_loads_with_safe_mode(bird_run, digits_dir,
                                                                            tmp_path):
     import keras
-
-    from train.checkpoints import load_checkpoint
 
     run, _ = bird_run
     # The same seed, data and first epoch without the penalty (and without the detector).
@@ -173,9 +164,6 @@ def test_bn_l1_shrinks_the_gammas_and_the_model_still_loads_with_safe_mode(bird_
 
 # ---------------------------------------------------------------------------------- Early-Bird
 def test_the_ticket_is_drawn_recorded_and_training_stops_there(bird_run):
-    from train.early_bird import hamming, read_masks
-    from train.run import read_history
-
     run, _ = bird_run
     assert run.success.is_file() and run.model.is_file() and not run.resume.exists()
     record = json.loads(run.early_bird.read_text())
@@ -198,9 +186,6 @@ def test_the_ticket_is_drawn_recorded_and_training_stops_there(bird_run):
 
 
 def test_the_early_bird_checkpoint_holds_the_drawn_epoch_weights(bird_run):
-    from train.early_bird import bn_channel_mask, read_masks
-    from train.checkpoints import load_checkpoint
-
     run, _ = bird_run
     drawn = json.loads(run.early_bird.read_text())["drawn_epoch"]
     bird = load_checkpoint(run.root, "final")
@@ -212,8 +197,6 @@ def test_the_early_bird_checkpoint_holds_the_drawn_epoch_weights(bird_run):
 
 
 def test_load_checkpoint_opens_the_early_bird_checkpoint(bird_run):
-    from train.checkpoints import load_checkpoint
-
     run, _ = bird_run
     bird, final = load_checkpoint(run.root, "early_bird"), load_checkpoint(run.root, "final")
     for a, b in zip(bird.get_weights(), final.get_weights()):
@@ -229,8 +212,6 @@ def test_a_finished_run_is_not_retrained(bird_run, digits_dir):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_the_detector_exactly(bird_run, digits_dir, tmp_path):
-    from train.early_bird import read_masks
-
     run, _ = bird_run
     out = tmp_path / "runs"
     argv = _args(digits_dir, out, *BIRD)
@@ -261,22 +242,24 @@ def test_a_killed_run_resumes_the_detector_exactly(bird_run, digits_dir, tmp_pat
     assert sorted(a) == sorted(b)
     for epoch in a:
         np.testing.assert_array_equal(a[epoch], b[epoch])
+    for name in ("early_bird", "final"):
+        wa, wb = _h5_arrays(killed.checkpoint(name)), _h5_arrays(run.checkpoint(name))
+        assert len(wa) == len(wb) > 0
+        for x, y in zip(wa, wb):
+            np.testing.assert_array_equal(x, y)
+
+
+def _h5_arrays(path) -> list:
     import h5py
 
-    for name in ("early_bird", "final"):
-        with h5py.File(killed.checkpoint(name)) as fa, h5py.File(run.checkpoint(name)) as fb:
-            wa, wb = [], []
-            fa["layers"].visititems(lambda n, o: wa.append(o[()]) if hasattr(o, "shape") else None)
-            fb["layers"].visititems(lambda n, o: wb.append(o[()]) if hasattr(o, "shape") else None)
-            assert len(wa) == len(wb) > 0
-            for x, y in zip(wa, wb):
-                np.testing.assert_array_equal(x, y)
+    out = []
+    with h5py.File(path) as f:
+        f["layers"].visititems(lambda n, o: out.append(o[()]) if hasattr(o, "shape") else None)
+    return out
 
 
 def test_cifar_resnets_take_a_batchnorm_momentum_for_tiny_datasets():
     import keras
-
-    from train.models import build_model
 
     def momenta(model):
         return {l.momentum for l in model.layers if isinstance(l, keras.layers.BatchNormalization)}
@@ -292,8 +275,6 @@ def test_cifar_resnets_take_a_batchnorm_momentum_for_tiny_datasets():
 def test_multiworker_workers_train_with_the_penalty_and_stop_together(digits_dir, tmp_path):
     """Every worker runs the detector on the same mirrored weights, so all stop at the ticket
     together (a worker that kept training would hang the collectives); only the chief writes."""
-    import socket
-
     socks = [socket.socket() for _ in range(2)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -312,7 +293,6 @@ def test_multiworker_workers_train_with_the_penalty_and_stop_together(digits_dir
                      "4", "--engine", "multiworker")
         procs.append(subprocess.Popen([sys.executable, "-m", "bigticket", *argv], cwd=REPO, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    from train.run import read_history
 
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (_, stderr) in zip(procs, results):

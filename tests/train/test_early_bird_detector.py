@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from train.early_bird import (EarlyBirdDetector, bn_channel_mask, bn_layers, distance_matrix,
-                                hamming)
+from train.early_bird import EarlyBirdDetector, bn_channel_mask, bn_layers, distance_matrix, hamming
+from train.models import build_model
 
 
 def test_hamming_is_the_fraction_of_positions_that_differ():
@@ -98,8 +98,6 @@ def test_bad_detector_settings_name_the_field(kwargs, field):
 
 @pytest.fixture(scope="module")
 def resnet():
-    from train.models import build_model
-
     return build_model("resnet20", 10, 8, width=2)
 
 
@@ -124,8 +122,6 @@ def test_bn_channel_mask_is_one_global_threshold_over_every_gamma_in_layer_order
 
 
 def test_nested_backbones_are_walked_and_models_without_batchnorm_are_refused():
-    from train.models import build_model
-
     mobilenet = build_model("mobilenet_v2", 10, 8, alpha=0.35)
     backbone = next(l for l in mobilenet.layers if hasattr(l, "layers"))
     import keras

@@ -14,9 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.elephas_engine import (DISCOVERY_SCRIPT, SparkDataParallel, average_states,
-                                  gpu_spark_conf, round_seed)
-from train.spark_worker import visible_devices_for_task
+from train.elephas_engine import DISCOVERY_SCRIPT, SparkDataParallel, average_states, gpu_spark_conf, round_seed
+from train.engines import ElephasEngine
+from train.run import prepare_run
+from train.settings import DenseSettings
+from train.spark_worker import (
+    RoundConfig,
+    StateIO,
+    WorkerSpec,
+    _remember_stream,
+    _stream,
+    build_compiled,
+    load_state,
+    visible_devices_for_task,
+)
 
 FEATURES, CLASSES, BATCH = 8, 3, 16
 COMPILE = {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
@@ -90,7 +101,6 @@ def _engine(spark, shard_lists, workers, **kwargs):
 def _local_fit(weights, optimizer_state, dataset, batches: int):
     """Plain single-process Keras: model.fit over the same tf.data batches."""
     import tensorflow as tf
-    from train.spark_worker import build_compiled, WorkerSpec, load_state
 
     model = build_compiled(WorkerSpec(tiny_model, momentum_sgd, COMPILE, tfrecord_dataset, 1))
     load_state(model, weights, optimizer_state)
@@ -357,8 +367,6 @@ def test_workers_reuse_their_stream_across_rounds_and_rebuild_when_its_key_chang
 def test_a_stream_behind_the_requested_step_catches_up_by_the_gap(tmp_path):
     """A cached stream another Python worker fell behind on is advanced, not rebuilt: the same
     batches as a stream built fresh at that step."""
-    from train.spark_worker import RoundConfig, WorkerSpec, _remember_stream, _stream
-
     shard = _write_shard(tmp_path / "c.tfrecord", 64, np.random.default_rng(1))
     spec = WorkerSpec(tiny_model, momentum_sgd, COMPILE, tfrecord_dataset, 1)
     data_key = f"catch-up-{uuid.uuid4().hex}"
@@ -383,8 +391,6 @@ def test_a_stream_behind_the_requested_step_catches_up_by_the_gap(tmp_path):
 
 
 def test_state_io_sets_and_reads_every_weight_and_optimizer_variable_at_once():
-    from train.spark_worker import StateIO, WorkerSpec, build_compiled
-
     model = build_compiled(WorkerSpec(tiny_model, momentum_sgd, COMPILE, tfrecord_dataset, 1))
     io = StateIO(model)
     rng = np.random.default_rng(3)
@@ -405,34 +411,11 @@ def test_state_io_sets_and_reads_every_weight_and_optimizer_variable_at_once():
         io.load(weights, opt[:2] + [np.zeros(3, np.float32)] + opt[3:])
 
 
-def test_seed_all_seeds_like_keras_set_random_seed():
-    """Workers seed with seed_all (which keeps TensorFlow's compiled functions): the same
-    shuffles, NumPy and Python draws as keras.utils.set_random_seed."""
-    import random
-
-    import keras
-    import tensorflow as tf
-
-    from train.spark_worker import seed_all
-
-    def draws(seeder, seed):
-        seeder(seed)
-        order = [int(v) for v in tf.data.Dataset.range(50).shuffle(50, seed=3)]
-        unseeded = [int(v) for v in tf.data.Dataset.range(50).shuffle(50)]  # global seed only
-        return order, unseeded, np.random.rand(3).tolist(), random.random()
-
-    assert draws(seed_all, 12) == draws(keras.utils.set_random_seed, 12)
-    assert draws(seed_all, 12) != draws(seed_all, 13)
-
-
 def test_driver_ships_and_takes_back_the_whole_state_in_one_call_per_direction(digits_dir, spark,
                                                                               tmp_path):
-    """train.run.ElephasEngine reads and sets weights and optimizer variables with StateIO: what
+    """train.engines.ElephasEngine reads and sets weights and optimizer variables with StateIO: what
     it ships must be exactly the model's state, and after a round the model must hold exactly the
     averaged result (order, shapes and 0-d counters included), round after round."""
-    from train.run import ElephasEngine, prepare_run
-    from train.settings import DenseSettings
-
     prepared = prepare_run(DenseSettings(
         data=str(digits_dir), out=str(tmp_path), model="conv_small",
         model_options={"blocks": 1, "width": 0.125, "dense": 16}, engine="elephas", workers=1,

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +19,11 @@ import pytest
 
 from bigticket.cli import main
 from common.paths import DenseRunPaths
+from train.checkpoints import load_checkpoint
+from train.data import make_dataset
+from train.local_engine import compile_kwargs
+from train.run import train_dense
+from train.settings import DenseSettings
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--model", "conv_small", "--model-option", "blocks=1", "--model-option", "width=0.125",
@@ -46,9 +55,6 @@ def _assert_same_weights(a, b):
 @pytest.fixture(scope="module")
 def local_run(digits_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs-local")
-    import io
-    from contextlib import redirect_stdout
-
     buf = io.StringIO()
     with redirect_stdout(buf):
         rc = main(_args(digits_dir, out, "--engine", "local", "--epochs", "3",
@@ -82,10 +88,6 @@ def test_checkpoints_hold_the_weights_of_their_exact_step(local_run, digits):
     """Training 3 steps from the init checkpoint by hand gives the 3it checkpoint."""
     import keras
 
-    from train.checkpoints import load_checkpoint
-    from train.data import make_dataset
-    from train.local_engine import compile_kwargs
-
     run, _ = local_run
     model = load_checkpoint(run.root, "init")
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), **compile_kwargs())
@@ -104,8 +106,6 @@ def test_checkpoints_hold_the_weights_of_their_exact_step(local_run, digits):
 
 def test_final_model_loads_with_safe_mode_and_matches_the_final_checkpoint(local_run):
     import keras
-
-    from train.checkpoints import load_checkpoint
 
     run, _ = local_run
     model = keras.models.load_model(run.model, safe_mode=True)
@@ -160,10 +160,6 @@ def test_a_killed_run_resumes_and_ends_with_the_uninterrupted_weights(local_run,
 
 @pytest.mark.slow
 def test_elephas_engine_rounds_stop_at_rewind_points(digits_dir, spark, tmp_path):
-    from train.checkpoints import load_checkpoint
-    from train.run import train_dense
-    from train.settings import DenseSettings
-
     settings = DenseSettings(data=str(digits_dir), out=str(tmp_path), model="conv_small",
                              model_options={"blocks": 1, "width": 0.125, "dense": 16},
                              engine="elephas", workers=2, averaging=5, epochs=1,
@@ -197,8 +193,6 @@ def test_bad_input_fails_before_training(digits_dir, tmp_path, capsys, extra, me
     except SystemExit as exit_:  # argparse's own errors
         rc = exit_.code
     assert rc == 2
-    import re
-
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "runs").exists()
 
@@ -216,8 +210,6 @@ def test_classes_that_do_not_match_the_model_and_broken_datasets_are_refused(
 
 
 def _free_ports(n):
-    import socket
-
     socks = [socket.socket() for _ in range(n)]
     for s in socks:
         s.bind(("127.0.0.1", 0))
@@ -244,7 +236,7 @@ def test_multiworker_engine_trains_on_two_processes_and_only_the_chief_writes(
                                                        "--epochs", "2", "--rewind", "0ep,1ep")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=600) for p in procs]
-    for proc, (stdout, stderr) in zip(procs, results):
+    for proc, (_, stderr) in zip(procs, results):
         assert proc.returncode == 0, stderr[-3000:]
     runs = list(out.iterdir())
     assert len(runs) == 1 and results[0][0].strip() == str(runs[0])

@@ -68,7 +68,7 @@ def test_run_hash_is_pinned_and_ignores_where_the_data_and_runs_live():
 
 
 def test_early_stopping_waits_patience_epochs_after_the_best():
-    from train.run import _early_stop
+    from train.hooks import should_stop_early as _early_stop
 
     s = _settings(early_stopping_patience=2, epochs=10)
     rows = lambda *losses: [{"val_loss": v, "val_accuracy": 1 - v} for v in losses]  # noqa: E731

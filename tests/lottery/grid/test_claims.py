@@ -11,15 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-
 from common.atomic import read_json, write_json
 from common.paths import GridPaths
 from lottery.grid.claims import ClaimStore, list_claims
 from lottery.grid.plan import done_ids, load_tasks
-from tests.lottery.workload import completed_executions, make_sleep_grid
+from lottery.grid.simulate import EXECUTOR, completed_executions, make_sleep_grid
 
 REPO = Path(__file__).resolve().parents[3]
-WORKLOAD = "tests.lottery.workload:sleep_point"
 
 
 def _env() -> dict:
@@ -30,7 +28,7 @@ def _env() -> dict:
 
 
 def launch(grid, *flags: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "lottery", "run", "--grid", str(grid.root), "--executor", WORKLOAD, *flags]
+    cmd = [sys.executable, "-m", "lottery", "run", "--grid", str(grid.root), "--executor", EXECUTOR, *flags]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -125,7 +123,7 @@ def test_two_launches_never_run_a_point_twice(tmp_path):
     b = launch(grid, "--array-index", "1", "--array-count", "2")
     outs = [p.communicate(timeout=60) for p in (a, b)]
     assert a.returncode == 0 and b.returncode == 0, outs
-    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    ids = {t.task_id for t in load_tasks(grid.root)}
     assert done_ids(grid) == ids
     assert completed_executions(grid.root) == {i: 1 for i in ids}
     pids = {read_json(grid.result(i))["worker"]["pid"] for i in ids}
@@ -135,7 +133,7 @@ def test_two_launches_never_run_a_point_twice(tmp_path):
 
 
 def test_a_killed_launch_is_finished_by_the_next_one(tmp_path):
-    grid = make_sleep_grid(tmp_path, [0.3, 0.2, 0.2, 0.1], extra={1: {"kill_once": True}})
+    grid = make_sleep_grid(tmp_path, [0.3, 0.2, 0.2, 0.1], params={1: {"kill_once": True}})
     first = launch(grid)
     first.communicate(timeout=60)
     assert first.returncode == -signal.SIGKILL
@@ -144,12 +142,12 @@ def test_a_killed_launch_is_finished_by_the_next_one(tmp_path):
     out, err = second.communicate(timeout=60)
     assert second.returncode == 0, err
     assert "4/4 points done" in out
-    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    ids = {t.task_id for t in load_tasks(grid.root)}
     assert completed_executions(grid.root) == {i: 1 for i in ids}
 
 
 def test_status_shows_progress_running_claims_and_eta(tmp_path):
-    from lottery.report.build import grid_progress
+    from lottery.report.progress import grid_progress
 
     grid = make_sleep_grid(tmp_path, [3.0, 2.0, 0.1])   # run longest first
     cmd = [sys.executable, "-m", "lottery", "status", "--grid", str(grid.root)]

@@ -69,16 +69,16 @@ def test_plan_writes_the_grid_and_is_idempotent(dense_run):
             assert not np.array_equal(twin[name], mask[name])
     tasks = record["tasks"]
     assert len(tasks) == 2 * 3 * 3 + 3
-    assert len({t["task_id"] for t in tasks}) == len(tasks)
+    assert len({t.task_id for t in tasks}) == len(tasks)
     # Longest first: IMP chains (2 rounds), then by earliest rewind (6it = 1.5 epochs after 1ep).
-    assert [t["kind"] for t in tasks[:3]] == ["imp"] * 3
-    assert [t["rewind"] for t in tasks[:3]] == ["init", "1ep", "6it"]
-    assert [t["cost"] for t in tasks] == sorted((t["cost"] for t in tasks), reverse=True)
-    oneshot_rewinds = [t["rewind"] for t in tasks[3:]]
+    assert [t.kind for t in tasks[:3]] == ["imp"] * 3
+    assert [t.rewind for t in tasks[:3]] == ["init", "1ep", "6it"]
+    assert [t.cost for t in tasks] == sorted((t.cost for t in tasks), reverse=True)
+    oneshot_rewinds = [t.rewind for t in tasks[3:]]
     assert oneshot_rewinds == sorted(oneshot_rewinds, key=["init", "1ep", "6it"].index)
-    rm = next(t for t in tasks if t["control"] == "random_mask")
-    assert rm["mask_id"] != rm["base_mask_id"] and grid.mask(rm["mask_id"]).is_file()
-    assert tasks[0]["sparsity"] == pytest.approx(0.75)
+    rm = next(t for t in tasks if t.control == "random_mask")
+    assert rm.mask_id != rm.base_mask_id and grid.mask(rm.mask_id).is_file()
+    assert tasks[0].sparsity == pytest.approx(0.75)
     assert pending_tasks(grid) == tasks
     # Planning again changes nothing: same directory, no file rewritten.
     before = _files(grid.root)
@@ -93,10 +93,10 @@ def test_quantile_grid_records_the_real_sparsity(dense_run):
     (task,) = load_plan(grid.root)["tasks"]
     from lottery.prune.masks import load_mask, mask_sparsity
 
-    mask, meta = load_mask(grid.mask(task["mask_id"]))
-    assert task["threshold"] == {"kind": "quantile", "value": 0.3}
-    assert task["sparsity"] == mask_sparsity(mask)["overall"]
-    assert task["epochs"] == 1 and task["exclude"] == ["logits"]
+    mask, meta = load_mask(grid.mask(task.mask_id))
+    assert task.threshold == {"kind": "quantile", "value": 0.3}
+    assert task.sparsity == mask_sparsity(mask)["overall"]
+    assert task.epochs == 1 and task.exclude == ("logits",)
     excluded = [n for n in mask if n.startswith("logits/")]
     assert excluded and all(mask[n].all() for n in excluded)
 
@@ -148,7 +148,7 @@ def test_bad_settings_name_the_field(values, field):
 def test_imp_only_grid_and_pinned_hash():
     s = make_settings(GridSettings, {"imp_rounds": 3, "epochs": 2})
     tasks = build_tasks(s, {"init": 0.0}, {})
-    assert [(t["kind"], t["imp_rounds"], t["cost"]) for t in tasks] == [("imp", 3, 6.0)]
+    assert [(t.kind, t.imp_rounds, t.cost) for t in tasks] == [("imp", 3, 6.0)]
     # Pinned: a change here renames every existing grid directory. Magnitude grids keep the name
     # they had before grids gained the structured fields.
     magnitude = make_settings(GridSettings, {"sparsities": [0.5, 0.9], "epochs": 3})
@@ -168,17 +168,17 @@ def test_structured_tasks_one_per_draw_and_ratio_beside_magnitude_tasks():
                                      "draw": ["2ep", "1ep"], "early_bird": True, "exclude": ["logits"]})
     positions = {"init": 0.0, "1ep": 1.0, "2ep": 2.0, "early_bird": 1.5}
     tasks = build_tasks(s, positions, {"global-s5000": 0.5})
-    structured = [t for t in tasks if t["kind"] == "structured"]
+    structured = [t for t in tasks if t.kind == "structured"]
     assert len(tasks) == 1 + 3 * 2 and len(structured) == 6
     # Same cost (epochs): earliest checkpoint first, the Early-Bird ticket by its epoch.
-    assert [t["rewind"] for t in tasks] == ["init", "1ep", "1ep", "early_bird", "early_bird", "2ep", "2ep"]
-    t = next(t for t in structured if t["rewind"] == "early_bird" and t["ratio"] == 0.3)
-    assert t["task_id"] == "structured-fpgm-layer-c3000-early_bird"
-    assert t["mask_id"] == "channels-fpgm-layer-c3000-early_bird"
-    assert (t["control"], t["criterion"], t["scope"], t["epochs"], t["cost"], t["draw_epoch"]) == (
+    assert [t.rewind for t in tasks] == ["init", "1ep", "1ep", "early_bird", "early_bird", "2ep", "2ep"]
+    t = next(t for t in structured if t.rewind == "early_bird" and t.ratio == 0.3)
+    assert t.task_id == "structured-fpgm-layer-c3000-early_bird"
+    assert t.mask_id == "channels-fpgm-layer-c3000-early_bird"
+    assert (t.control, t.criterion, t.scope, t.epochs, t.cost, t.draw_epoch) == (
         "none", "fpgm", "layer", 2, 2.0, 1.5)
-    assert t["exclude"] == ["logits"]
-    assert len({x["seed"] for x in structured}) == 6
+    assert t.exclude == ("logits",)
+    assert len({x.seed for x in structured}) == 6
 
 
 def test_cli_plan_prints_the_grid_directory(dense_run, capsys):
@@ -187,7 +187,7 @@ def test_cli_plan_prints_the_grid_directory(dense_run, capsys):
     assert main(["plan", "--run", str(dense_run.root), "--sparsities", "0.8", "--rewind", "1ep"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     grid = GridPaths(out[-1])
-    assert grid.root.parent == dense_run.root and load_plan(grid.root)["tasks"][0]["rewind"] == "1ep"
+    assert grid.root.parent == dense_run.root and load_plan(grid.root)["tasks"][0].rewind == "1ep"
     assert main(["plan", "--run", str(dense_run.root), "--sparsities", "0.8", "--rewind", "9ep"]) == 2
     assert "'9ep' is not a saved point" in capsys.readouterr().err
 
@@ -202,8 +202,8 @@ def test_cli_stats_prints_the_quantile_table_of_the_final_weights(dense_run, cap
 
 
 def test_structured_plan_draws_channel_masks_at_each_checkpoint(dense_run):
+    from lottery.prune.channel_masks import select_channels
     from lottery.prune.masks import load_mask
-    from lottery.prune.channels import select_channels
     from train.checkpoints import load_checkpoint
 
     settings = make_settings(GridSettings, {"sparsities": [0.5], "rewind": ["init"],
@@ -213,13 +213,13 @@ def test_structured_plan_draws_channel_masks_at_each_checkpoint(dense_run):
     record = load_plan(grid.root)
     assert record["settings"]["channel_scope"] == "layer"   # resolved: l1 compares within a layer
     tasks = record["tasks"]
-    assert sorted(t["kind"] for t in tasks) == ["oneshot"] + ["structured"] * 4
+    assert sorted(t.kind for t in tasks) == ["oneshot"] + ["structured"] * 4
     for draw in ("1ep", "6it"):
         model = load_checkpoint(dense_run.root, draw)
         for ratio in (0.25, 0.5):
-            (task,) = [t for t in tasks if t["kind"] == "structured" and t["rewind"] == draw
-                       and t["ratio"] == ratio]
-            mask, meta = load_mask(grid.mask(task["mask_id"]))
+            (task,) = [t for t in tasks if t.kind == "structured" and t.rewind == draw
+                       and t.ratio == ratio]
+            mask, meta = load_mask(grid.mask(task.mask_id))
             want = select_channels(model, "l1", ratio, scope="layer")
             assert sorted(mask) == sorted(want)
             for name in want:
@@ -242,8 +242,8 @@ def test_structured_plan_rounds_kept_channels_to_a_multiple(dense_run):
                                             "draw": ["1ep"], "channel_round_to": 8})
     grid = plan(dense_run.root, settings)
     (task,) = load_plan(grid.root)["tasks"]
-    assert task["mask_id"] == "channels-l2-layer-c3000-r8-1ep" and task["round_to"] == 8
-    mask, meta = load_mask(grid.mask(task["mask_id"]))
+    assert task.mask_id == "channels-l2-layer-c3000-r8-1ep" and task.round_to == 8
+    mask, meta = load_mask(grid.mask(task.mask_id))
     assert meta["round_to"] == 8
     kept = {name: int(np.count_nonzero(entry)) for name, entry in mask.items() if name.endswith("bias")}
     assert kept and all(count % 8 == 0 for count in kept.values()), kept
@@ -288,9 +288,50 @@ def test_cli_plan_structured_flags(dense_run, capsys):
                  "--draw", "1ep"]) == 0
     grid = GridPaths(capsys.readouterr().out.strip().splitlines()[-1])
     (task,) = load_plan(grid.root)["tasks"]
-    assert (task["kind"], task["rewind"], task["ratio"], task["criterion"]) == ("structured", "1ep", 0.5, "l1")
+    assert (task.kind, task.rewind, task.ratio, task.criterion) == ("structured", "1ep", 0.5, "l1")
     assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5,1.2", "--draw", "1ep"]) == 2
     assert "channel_ratios: 1.2 must lie strictly between 0 and 1" in capsys.readouterr().err
     assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5", "--criterion", "l1",
                  "--early-bird"]) == 2
     assert "early_bird.json does not exist" in capsys.readouterr().err
+
+
+def test_task_ids_are_pinned():
+    # Pinned: ids name result, claim and mask files; a change orphans every existing grid's results.
+    s = make_settings(GridSettings, {"sparsities": [0.9], "controls": "random_reinit,random_mask",
+                                     "imp_rounds": 2, "imp_rate": 0.2, "epochs": 1, "channel_ratios": [0.3],
+                                     "draw": ["1ep"], "channel_round_to": 16, "criterion": "l1", "seed": 4,
+                                     "rewind": "init,6it"})
+    random_twin = "global-s9000-random715520123"
+    tasks = build_tasks(s, {"init": 0.0, "1ep": 1.0, "6it": 1.5}, {"global-s9000": 0.9, random_twin: 0.9})
+    assert [(t.task_id, t.mask_id, t.seed) for t in tasks] == [
+        ("imp-global-r2-p2000-init", None, 406176732),
+        ("imp-global-r2-p2000-6it", None, 201750891),
+        ("oneshot-global-s9000-init-none", "global-s9000", 1696298662),
+        ("oneshot-global-s9000-init-random_mask", random_twin, 998855304),
+        ("oneshot-global-s9000-init-random_reinit", "global-s9000", 1600651259),
+        ("structured-l1-layer-c3000-r16-1ep", "channels-l1-layer-c3000-r16-1ep", 2024658476),
+        ("oneshot-global-s9000-6it-none", "global-s9000", 2901369),
+        ("oneshot-global-s9000-6it-random_mask", random_twin, 1621550446),
+        ("oneshot-global-s9000-6it-random_reinit", "global-s9000", 1150086181),
+    ]
+
+
+def test_channel_ratios_that_would_share_an_id_are_refused_before_anything_is_written(dense_run):
+    # 0.12345 and 0.1234 differ in their 4th decimal when rounded (0.1235, 0.1234), yet both are
+    # tagged c1234 in ids: the settings or the plan refuse them, naming the field or the id.
+    grids = sorted(dense_run.root.glob("lottery-*"))
+    with pytest.raises(SettingsError, match=r"channel_ratios: .*(0\.12345|'channels-l1-layer-c1234-1ep')"):
+        plan(dense_run.root, make_settings(GridSettings, {"channel_ratios": [0.12345, 0.1234],
+                                                          "criterion": "l1", "draw": ["1ep"]}))
+    assert sorted(dense_run.root.glob("lottery-*")) == grids
+
+
+def test_plan_itself_refuses_values_that_would_share_an_id(dense_run):
+    """Whatever the settings checked: two thresholds with one mask id are never planned."""
+    settings = make_settings(GridSettings, {"sparsities": [0.5, 0.6], "epochs": 1})
+    object.__setattr__(settings, "sparsities", (0.50004, 0.5))   # frozen: past the settings' own check
+    grids = sorted(dense_run.root.glob("lottery-*"))
+    with pytest.raises(SettingsError, match=r"sparsities: 0.50004 and 0.5 would share the id 'global-s5000'"):
+        plan(dense_run.root, settings)
+    assert sorted(dense_run.root.glob("lottery-*")) == grids

@@ -24,13 +24,14 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from common.atomic import read_json
-from common.paths import GridPaths
-from lottery.prune import masks
-from lottery.grid.plan import done_ids, load_tasks
-from lottery.points.masked_training import (EpochCheckpoint, Preempted, clear_stop, request_stop,
-                                     train_masked)
-from lottery.prune.stats import prunable_weights
+from common.atomic import read_json  # noqa: E402
+from common.paths import GridPaths  # noqa: E402
+from common.stop import Preempted, StopToken  # noqa: E402
+from lottery.grid.plan import done_ids, load_plan, load_tasks  # noqa: E402
+from lottery.points.epoch_checkpoint import EpochCheckpoint  # noqa: E402
+from lottery.points.masked_training import train_masked  # noqa: E402
+from lottery.prune import masks  # noqa: E402
+from lottery.prune.stats import prunable_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[3]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -61,24 +62,18 @@ def _train(checkpoint, stop_at_epoch=None, epochs=4):
     model = _model()
     mask = masks.global_magnitude_mask(prunable_weights(model), 0.6)
     x, y = _data()
+    stop = StopToken()
 
     def lr(epoch):
         if epoch == stop_at_epoch:
-            request_stop()
+            stop.request()
         return 0.05 / (epoch + 1)
 
     history = train_masked(model, mask, (x, y), (x[:32], y[:32]), label="tiny",
                            optimizer=keras.optimizers.SGD(0.05, momentum=0.9), batch_size=16,
                            loss="sparse_categorical_crossentropy", epochs=epochs, learning_rate=lr,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoint, stop=stop)
     return model, mask, history
-
-
-@pytest.fixture(autouse=True)
-def _no_stop_left_over():
-    clear_stop()
-    yield
-    clear_stop()
 
 
 def _without_time(history):
@@ -90,7 +85,8 @@ def test_a_stopped_run_resumes_at_its_last_epoch_bit_identically(tmp_path, caplo
 
     tf.config.experimental.enable_op_determinism()  # as train_point's configure_tensorflow does
     reference, _, ref_history = _train(EpochCheckpoint(tmp_path / "ref", "tiny|m", seed=7))
-    assert not (tmp_path / "ref").exists()              # a finished run deletes its state
+    # A finished run keeps its last epoch: its owner clears it once the result is stored.
+    assert json.loads((tmp_path / "ref" / "state.json").read_text())["epochs_done"] == 4
 
     state = tmp_path / "stopped"
     with pytest.raises(Preempted):
@@ -99,7 +95,6 @@ def test_a_stopped_run_resumes_at_its_last_epoch_bit_identically(tmp_path, caplo
     assert saved["epochs_done"] == 2 and len(saved["history"]["loss"]) == 2
     assert sorted(p.name for p in state.iterdir()) == ["epoch-00002.npz", "state.json"]
 
-    clear_stop()
     checkpoint = EpochCheckpoint(state, "tiny|m", seed=7)
     caplog.clear()  # only the resumed launch's records (an earlier test may have enabled INFO)
     with caplog.at_level(logging.INFO, logger="lottery.points.masked_training"):
@@ -113,13 +108,14 @@ def test_a_stopped_run_resumes_at_its_last_epoch_bit_identically(tmp_path, caplo
     for a, b in zip(resumed.optimizer.variables, reference.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert np.all(prunable_weights(resumed)["fc/kernel"][~mask["fc/kernel"]] == 0)
+    assert json.loads((state / "state.json").read_text())["epochs_done"] == 4
+    checkpoint.clear()
     assert not state.exists()
 
 
 def test_state_of_another_run_is_not_resumed(tmp_path, caplog):
     with pytest.raises(Preempted):
         _train(EpochCheckpoint(tmp_path / "s", "point-a|m", seed=1), stop_at_epoch=1)
-    clear_stop()
     other = EpochCheckpoint(tmp_path / "s", "point-b|m", seed=1)
     with caplog.at_level(logging.WARNING):
         _, _, history = _train(other, epochs=2)
@@ -130,7 +126,6 @@ def test_state_of_another_run_is_not_resumed(tmp_path, caplog):
 def test_a_tampered_state_file_is_refused_with_its_field(tmp_path):
     with pytest.raises(Preempted):
         _train(EpochCheckpoint(tmp_path / "s", "k", seed=1), stop_at_epoch=1)
-    clear_stop()
     path = tmp_path / "s" / "state.json"
     state = json.loads(path.read_text())
     path.write_text(json.dumps({**state, "arrays": "../../elsewhere.npz"}))
@@ -138,17 +133,17 @@ def test_a_tampered_state_file_is_refused_with_its_field(tmp_path):
         _train(EpochCheckpoint(tmp_path / "s", "k", seed=1))
 
 
-def _recipe(epochs, stop_on_call=None):
-    """A tiny recipe whose learning-rate hook requests a stop on its `stop_on_call`-th call (the
+def _recipe(epochs, stop: StopToken, stop_on_call=None):
+    """A tiny recipe whose learning-rate hook requests `stop` on its `stop_on_call`-th call (the
     hook runs as each epoch starts, so the stop lands mid-epoch)."""
-    from lottery.points.oneshot import Recipe
+    from lottery.points.recipe import Recipe
 
     calls = []
 
     def lr(epoch):
         calls.append(epoch)
         if len(calls) == stop_on_call:
-            request_stop()
+            stop.request()
         return 0.05
 
     x, y = _data()
@@ -159,7 +154,6 @@ def _recipe(epochs, stop_on_call=None):
 
 def test_an_imp_chain_resumes_inside_the_round_it_was_stopped_in(tmp_path, caplog):
     from lottery.points.imp import run_imp
-    from lottery.points.oneshot import point_state
 
     model = _model()
     start = model.get_weights()
@@ -169,17 +163,20 @@ def test_an_imp_chain_resumes_inside_the_round_it_was_stopped_in(tmp_path, caplo
         model.set_weights(start)
         return model
 
-    path = lambda r: tmp_path / "masks" / f"chain-r{r:02d}.npz"
-    kwargs = dict(rounds=2, rate=0.5, mask_path=path, label="chain")
-    with point_state(tmp_path / "partial" / "chain", seed=3):
-        with pytest.raises(Preempted):
-            run_imp(rewind, final, _recipe(3, stop_on_call=5), **kwargs)   # round 2, epoch 2
-        assert "result" in masks.load_mask(path(1))[1]                    # round 1 complete
-        assert json.loads((tmp_path / "partial" / "chain" / "state.json").read_text())["epochs_done"] == 1
-        clear_stop()
-        caplog.clear()
-        with caplog.at_level(logging.INFO, logger="lottery.points.masked_training"):
-            rounds = run_imp(rewind, final, _recipe(3), **kwargs)
+    def path(r):
+        return tmp_path / "masks" / f"chain-r{r:02d}.npz"
+
+    kwargs = dict(rounds=2, rate=0.5, mask_path=path, label="chain",
+                  state_dir=tmp_path / "partial" / "chain", seed=3)
+    stop = StopToken()
+    with pytest.raises(Preempted):
+        run_imp(rewind, final, _recipe(3, stop, stop_on_call=5), stop=stop, **kwargs)  # round 2, epoch 2
+    assert "result" in masks.load_mask(path(1))[1]                    # round 1 complete
+    assert json.loads((tmp_path / "partial" / "chain" / "state.json").read_text())["epochs_done"] == 1
+    caplog.clear()
+    stop = StopToken()
+    with caplog.at_level(logging.INFO, logger="lottery.points.masked_training"):
+        rounds = run_imp(rewind, final, _recipe(3, stop), stop=stop, **kwargs)
     assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["resumed_from_epoch"] == 1
     assert re.findall(r"chain r(\d) epoch (\d)/3", caplog.text) == [("2", "2"), ("2", "3")]
     assert not (tmp_path / "partial" / "chain").exists()
@@ -187,13 +184,17 @@ def test_an_imp_chain_resumes_inside_the_round_it_was_stopped_in(tmp_path, caplo
 
 def test_retrain_with_an_empty_mask_resumes_too(tmp_path):
     """What a structured point does: a compacted model retrained with no mask to hold."""
-    from lottery.points.oneshot import point_state, retrain
+    from lottery.points.recipe import retrain
 
-    with point_state(tmp_path / "partial" / "s1", seed=1):
-        with pytest.raises(Preempted):
-            retrain(_model(), {}, _recipe(3, stop_on_call=2), label="s1")
-        clear_stop()
-        result = retrain(_model(), {}, _recipe(3), label="s1")
+    def checkpoint():
+        return EpochCheckpoint.for_mask(tmp_path / "partial" / "s1", "s1", {}, seed=1)
+
+    stop = StopToken()
+    with pytest.raises(Preempted):
+        retrain(_model(), {}, _recipe(3, stop, stop_on_call=2), label="s1", checkpoint=checkpoint(),
+                stop=stop)
+    stop = StopToken()
+    result = retrain(_model(), {}, _recipe(3, stop), label="s1", checkpoint=checkpoint(), stop=stop)
     assert result["resumed_from_epoch"] == 1 and [r["epoch"] for r in result["history"]] == [1, 2, 3]
     assert result["sparsity"] == 0.0
 
@@ -273,7 +274,7 @@ def trained_epochs(log_text: str, task_id: str) -> Counter:
 def check_resumed(grid: GridPaths, saved: dict[str, int | None], log_text: str) -> None:
     """Every point done once, with all its epochs, each trained once; `saved` points resumed
     (at that epoch, or at >= 2 when the value is None)."""
-    tasks = {t["task_id"] for t in load_tasks(grid.root)}
+    tasks = {t.task_id for t in load_tasks(grid.root)}
     assert done_ids(grid) == tasks
     assert not list(grid.claims.glob("*.claim"))
     assert not grid.partial.exists() or not any(grid.partial.iterdir())  # finished: no state left
@@ -289,12 +290,12 @@ def check_resumed(grid: GridPaths, saved: dict[str, int | None], log_text: str) 
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_mpi_ranks_stop_on_sigterm_and_a_rerun_resumes_them(dense_run, tmp_path):
-    from lottery.points.oneshot import train_point
+    from lottery.points.runners import train_point
 
     grid = plan_points(dense_run, "0.5,0.8")
     reference = GridPaths(grid.root.parent / "lottery-reference")   # the same plan, untouched
     shutil.copytree(grid.root, reference.root)
-    ids = [t["task_id"] for t in load_tasks(grid.root)]
+    ids = [t.task_id for t in load_tasks(grid.root)]
     log_path = tmp_path / "launches.log"
     cmd = [str(MPIEXEC), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "lottery", "run",
            "--grid", str(grid.root)]
@@ -307,8 +308,9 @@ def test_mpi_ranks_stop_on_sigterm_and_a_rerun_resumes_them(dense_run, tmp_path)
     assert rerun.wait(timeout=240) == 0, log_path.read_text()[-4000:]
     check_resumed(grid, saved, log_path.read_text())
     # The resumed point equals the same point trained without interruption, epoch by epoch.
-    task = next(t for t in load_tasks(grid.root) if t["task_id"] == ids[0])
-    straight = train_point(dense_run.root, reference.root, task)
+    task = next(t for t in load_tasks(grid.root) if t.task_id == ids[0])
+    straight = train_point(dense_run.root, reference.root, task, load_plan(reference.root)["settings"],
+                           StopToken())
     resumed = read_json(grid.result(ids[0]))["result"]
     assert [{k: v for k, v in row.items() if k != "time"} for row in resumed["history"]] == \
         [{k: v for k, v in row.items() if k != "time"} for row in straight["history"]]
@@ -318,7 +320,7 @@ def test_mpi_ranks_stop_on_sigterm_and_a_rerun_resumes_them(dense_run, tmp_path)
 @pytest.mark.slow
 def test_a_single_process_stops_on_sigterm_and_resumes(dense_run, tmp_path):
     grid = plan_points(dense_run, "0.6")
-    ids = [t["task_id"] for t in load_tasks(grid.root)]
+    ids = [t.task_id for t in load_tasks(grid.root)]
     log_path = tmp_path / "launches.log"
     cmd = [sys.executable, "-m", "lottery", "run", "--grid", str(grid.root)]
     saved = _stop_mid_points(_launch(cmd, log_path), grid, ids, log_path)

@@ -13,14 +13,13 @@ import pytest
 from common.atomic import read_json
 from lottery.grid.plan import done_ids, load_tasks
 from lottery.grid.scheduler import WorldSizeError, check_world_size
-from tests.lottery.workload import completed_executions, make_sleep_grid
+from lottery.grid.simulate import EXECUTOR, completed_executions, make_sleep_grid
 
 pytestmark = [pytest.mark.cluster]
 
 REPO = Path(__file__).resolve().parents[3]
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
-WORKLOAD = "tests.lottery.workload:sleep_point"
 
 
 def _env(**extra) -> dict:
@@ -36,13 +35,13 @@ def _env(**extra) -> dict:
 
 def mpirun(n: int, grid, *flags: str, timeout: float = 60, **env) -> subprocess.CompletedProcess:
     cmd = [str(MPIEXEC), "-n", str(n), sys.executable, "-m", "mpi4py", "-m", "lottery", "run",
-           "--grid", str(grid.root), "--executor", WORKLOAD, *flags]
+           "--grid", str(grid.root), "--executor", EXECUTOR, *flags]
     return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True,
                           timeout=timeout)
 
 
 def assert_complete_once(grid):
-    ids = {t["task_id"] for t in load_tasks(grid.root)}
+    ids = {t.task_id for t in load_tasks(grid.root)}
     assert done_ids(grid) == ids
     counts = completed_executions(grid.root)
     assert counts == {i: 1 for i in ids}, counts
@@ -57,11 +56,11 @@ def test_dynamic_handout_longest_first_on_every_rank(tmp_path):
     proc = mpirun(3, grid)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_complete_once(grid)
-    records = [read_json(grid.result(t["task_id"])) for t in load_tasks(grid.root)]
+    records = [read_json(grid.result(t.task_id)) for t in load_tasks(grid.root)]
     assert {r["worker"]["rank"] for r in records} == {0, 1, 2}   # rank 0 works too
     # The three points started first are the three longest: dynamic, longest first.
     first = sorted(records, key=lambda r: r["started_at"])[:3]
-    assert sorted(r["task"]["duration"] for r in first) == [0.7, 0.8, 0.9]
+    assert sorted(r["task"]["params"]["duration"] for r in first) == [0.7, 0.8, 0.9]
     # Workers ask when idle and get the next point at once: no rank waits between its points.
     # A gap also holds the fsync of the point's result file, which a busy CI disk once stretched
     # to 0.9 s for each rank's first point, so the scheduler's latency is judged by the median gap
@@ -82,7 +81,7 @@ def test_dynamic_handout_longest_first_on_every_rank(tmp_path):
 
 def test_sigkilled_rank_ends_the_job_and_a_rerun_completes(tmp_path):
     durations = [0.6, 0.5, 0.5, 0.4, 0.4, 0.3, 0.3, 0.2]
-    grid = make_sleep_grid(tmp_path, durations, extra={3: {"kill_once": True}})
+    grid = make_sleep_grid(tmp_path, durations, params={3: {"kill_once": True}})
     t0 = time.monotonic()
     proc = mpirun(3, grid, timeout=90)
     assert time.monotonic() - t0 < 60
@@ -99,7 +98,7 @@ def test_sigkilled_rank_ends_the_job_and_a_rerun_completes(tmp_path):
 def test_a_silent_rank_is_detected_and_the_job_aborts(tmp_path):
     # SIGSTOP: the process stays alive, so the launcher does not notice; only our heartbeat can.
     grid = make_sleep_grid(tmp_path, [0.3, 0.3, 0.3, 0.3, 0.3, 0.2],
-                           extra={1: {"stop_once": True}})
+                           params={1: {"stop_once": True}})
     t0 = time.monotonic()
     proc = mpirun(2, grid, "--heartbeat", "0.3", "--silence-timeout", "3", timeout=60)
     assert proc.returncode != 0
@@ -113,7 +112,7 @@ def test_a_silent_rank_is_detected_and_the_job_aborts(tmp_path):
 
 
 def test_a_failing_point_aborts_the_job_quickly(tmp_path):
-    grid = make_sleep_grid(tmp_path, [0.2, 5.0, 5.0, 5.0], extra={0: {"fail": True}})
+    grid = make_sleep_grid(tmp_path, [0.2, 5.0, 5.0, 5.0], params={0: {"fail": True}})
     t0 = time.monotonic()
     proc = mpirun(2, grid, timeout=60)
     assert proc.returncode != 0
@@ -127,7 +126,7 @@ def test_static_striding_strategy_runs_each_point_once(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_complete_once(grid)
     ranks = {t: read_json(grid.result(t))["worker"]["rank"] for t in done_ids(grid)}
-    order = [t["task_id"] for t in load_tasks(grid.root)]
+    order = [t.task_id for t in load_tasks(grid.root)]
     assert [ranks[t] for t in order] == [0, 1, 0, 1, 0]
 
 
@@ -135,7 +134,7 @@ def test_world_size_mismatch_is_refused(tmp_path):
     grid = make_sleep_grid(tmp_path, [0.1, 0.1])
     # What a foreign launcher looks like: it asked for 2 processes, MPI sees a world of 1.
     cmd = [sys.executable, "-m", "mpi4py", "-m", "lottery", "run", "--grid", str(grid.root),
-           "--executor", WORKLOAD]
+           "--executor", EXECUTOR]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK="0"),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
@@ -148,7 +147,7 @@ def test_world_size_mismatch_is_refused(tmp_path):
 
 def test_without_mpi_one_process_runs_the_grid(tmp_path):
     grid = make_sleep_grid(tmp_path, [0.1, 0.2, 0.1])
-    cmd = [sys.executable, "-m", "lottery", "run", "--grid", str(grid.root), "--executor", WORKLOAD]
+    cmd = [sys.executable, "-m", "lottery", "run", "--grid", str(grid.root), "--executor", EXECUTOR]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "3/3 points done" in proc.stdout

@@ -1,15 +1,16 @@
-"""lottery.points.imp and lottery.points.oneshot.retrain: IMP chains, resumable by round; the random_reinit control."""
+"""lottery.points.imp and lottery.points.recipe.retrain: IMP chains, resumable by round; the random_reinit control."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from lottery.prune import masks
 from lottery.points.imp import run_imp
-from lottery.points.oneshot import Recipe, retrain
+from lottery.points.recipe import Recipe, retrain
+from lottery.points.task import Task
+from lottery.prune import masks
 from lottery.prune.stats import prunable_weights
+
+keras = pytest.importorskip("keras")
 
 
 def _model():
@@ -48,7 +49,10 @@ class Rewinder:
 def test_imp_chain_prunes_remaining_and_resumes_by_round(tmp_path):
     model, init, recipe = _setup()
     final = {k: v + 0.01 for k, v in prunable_weights(model).items()}  # stands in for trained weights
-    path = lambda r: tmp_path / "masks" / f"imp-r{r:02d}.npz"
+
+    def path(r):
+        return tmp_path / "masks" / f"imp-r{r:02d}.npz"
+
     total = sum(v.size for v in final.values())
 
     rewinder = Rewinder(model, init, fail_at=3)
@@ -139,7 +143,7 @@ def digits_run(spark, tmp_path_factory):
 def test_train_point_and_imp_task_on_a_real_dense_run(digits_run):
     from common.paths import GridPaths
     from lottery.points.imp import round_mask_id, run_imp_task
-    from lottery.points.oneshot import train_point
+    from lottery.points.runners import train_point
     from train.checkpoints import load_checkpoint
 
     grid = GridPaths(digits_run.root / "lottery-test")
@@ -150,27 +154,30 @@ def test_train_point_and_imp_task_on_a_real_dense_run(digits_run):
             "threshold": {"kind": "sparsity", "value": 0.8}, "sparsity": 0.8, "epochs": 1,
             "imp_rounds": 0, "imp_rate": 0.0, "seed": 5}
 
-    point = train_point(digits_run.root, grid.root, {**base, "task_id": "p-1ep", "rewind": "1ep", "control": "none"})
+    point = train_point(digits_run.root, grid.root,
+                        Task.from_dict({**base, "task_id": "p-1ep", "rewind": "1ep", "control": "none"}))
     assert point["task_id"] == "p-1ep" and point["rewind"] == "1ep"
     assert point["sparsity"] == pytest.approx(masks.mask_sparsity(mask)["overall"])
     assert 0.0 <= point["accuracy"] <= 1.0 and len(point["history"]) == 1
     # Schedule continues from the rewind point: epoch 1 of the dense run's cosine schedule.
+    from lottery.points.recipe import open_dense_run
     from train.schedules import lr_at
-    from lottery.points.oneshot import open_dense_run
 
     assert point["history"][0]["lr"] == pytest.approx(lr_at(open_dense_run(digits_run.root).settings, 1.0), rel=1e-5)
     control = train_point(digits_run.root, grid.root,
-                          {**base, "task_id": "p-init-rr", "rewind": "init", "control": "random_reinit"})
+                          Task.from_dict({**base, "task_id": "p-init-rr", "rewind": "init",
+                                          "control": "random_reinit"}))
     assert control["control"] == "random_reinit" and control["sparsity"] == point["sparsity"]
 
     with pytest.raises(ValueError, match="mask_id"):
-        train_point(digits_run.root, grid.root, {**base, "task_id": "bad", "rewind": "init", "control": "none",
-                                                 "mask_id": "../../escape"})
+        train_point(digits_run.root, grid.root, Task.from_dict({**base, "task_id": "bad", "rewind": "init",
+                                                                "control": "none", "mask_id": "../../escape"}))
     with pytest.raises(ValueError, match="control"):
-        train_point(digits_run.root, grid.root, {**base, "task_id": "bad", "rewind": "init", "control": "magic"})
+        train_point(digits_run.root, grid.root, Task.from_dict({**base, "task_id": "bad", "rewind": "init",
+                                                                "control": "magic"}))
 
-    chain = {**base, "task_id": "imp-chain", "kind": "imp", "mask_id": None, "rewind": "init", "control": "none",
-             "threshold": None, "imp_rounds": 2, "imp_rate": 0.5}
+    chain = Task.from_dict({**base, "task_id": "imp-chain", "kind": "imp", "mask_id": None, "rewind": "init",
+                            "control": "none", "threshold": None, "imp_rounds": 2, "imp_rate": 0.5})
     result = train_point(digits_run.root, grid.root, chain)  # dispatches to the IMP chain
     assert [r["round"] for r in result["rounds"]] == [1, 2]
     assert result["mask_id"] == round_mask_id("imp-chain", 2)

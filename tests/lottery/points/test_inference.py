@@ -6,9 +6,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from lottery.prune.compaction import compact  # noqa: E402
 from lottery.points.inference import LiteRTModel, inference_rate  # noqa: E402
-from lottery.prune.channels import select_channels  # noqa: E402
+from lottery.prune.channel_masks import select_channels  # noqa: E402
+from lottery.prune.compaction import compact  # noqa: E402
 from tests.lottery.prune.test_compaction import _model  # noqa: E402
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-keras = pytest.importorskip("keras")
-
-from lottery.prune import masks
+from common.atomic import read_json
 from lottery.points.masked_training import apply_mask, masked_optimizer, nonzero_counts, reinitialize, train_masked
+from lottery.prune import masks
 from lottery.prune.stats import prunable_weights
+
+keras = pytest.importorskip("keras")
 
 
 def _model(seed=0):
@@ -155,3 +156,63 @@ def test_reinitialize_refuses_seeded_initializers():
     out = keras.layers.Dense(2, name="d", kernel_initializer=keras.initializers.GlorotUniform(seed=1))(inputs)
     with pytest.raises(ValueError, match="fixed seed"):
         reinitialize(keras.Model(inputs, out), seed=3)
+
+
+def _train_tiny(checkpoint=None, stop=None, lr=None, seed=0, epochs=3):
+    model = _model(seed)
+    x, y = _data()
+    mask = masks.global_magnitude_mask(prunable_weights(_model()), 0.6)
+    history = train_masked(model, mask, (x, y), (x[:32], y[:32]), optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                           loss="sparse_categorical_crossentropy", epochs=epochs, batch_size=16,
+                           learning_rate=lr, label="tiny", checkpoint=checkpoint, stop=stop)
+    return model, history
+
+
+def test_a_stop_ends_training_after_the_batch_it_was_requested_in(tmp_path):
+    from common.stop import Preempted, StopToken
+    from lottery.points.epoch_checkpoint import EpochCheckpoint
+
+    stop = StopToken()
+
+    def lr(epoch):  # runs as each epoch starts: the stop lands inside the second epoch
+        if epoch == 1:
+            stop.request()
+        return 0.05
+
+    checkpoint = EpochCheckpoint(tmp_path / "state", "tiny|m", seed=1)
+    with pytest.raises(Preempted, match="stop requested during an epoch"):
+        _train_tiny(checkpoint, stop, lr)
+    assert read_json(tmp_path / "state" / "state.json")["epochs_done"] == 1  # the partial epoch is dropped
+    with pytest.raises(Preempted, match="before epoch 1 of tiny"):            # still requested
+        _train_tiny(stop=stop)
+
+
+def test_the_stop_is_checked_after_every_batch():
+    from common.stop import Preempted, StopToken
+
+    stop = StopToken()
+    model = _model()
+    x, y = _data()
+
+    def lr(epoch):
+        stop.request()
+        return 0.05
+
+    with pytest.raises(Preempted):
+        train_masked(model, {}, (x, y), optimizer="sgd", loss="sparse_categorical_crossentropy", epochs=2,
+                     batch_size=16, learning_rate=lr, stop=stop)
+    assert int(model.optimizer.iterations.numpy()) == 1   # 6 batches per epoch, one was trained
+
+
+def test_a_finished_run_keeps_its_checkpoint_and_a_rerun_trains_nothing(tmp_path):
+    """The saved epochs outlive the training: its owner deletes them once the point's result is kept."""
+    from lottery.points.epoch_checkpoint import EpochCheckpoint
+
+    trained, history = _train_tiny(EpochCheckpoint(tmp_path / "state", "tiny|m", seed=1))
+    assert read_json(tmp_path / "state" / "state.json")["epochs_done"] == 3
+    again = EpochCheckpoint(tmp_path / "state", "tiny|m", seed=1)
+    rerun, rerun_history = _train_tiny(again, seed=9)   # other starting weights: all restored
+    assert again.resumed_from == 3 and rerun_history == history
+    assert int(rerun.optimizer.iterations.numpy()) == int(trained.optimizer.iterations.numpy()) == 18
+    for a, b in zip(rerun.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)

@@ -47,8 +47,8 @@ def eb_run(digits_dir, tmp_path_factory) -> DenseRunPaths:
 
 def test_plan_draws_one_mask_per_checkpoint_and_ratio(eb_run, capsys):
     from lottery.cli import main
+    from lottery.prune.channel_masks import select_channels
     from lottery.prune.masks import load_mask
-    from lottery.prune.channels import select_channels
     from train.checkpoints import load_checkpoint
 
     args = ["plan", "--run", str(eb_run.root), "--channel-ratios", "0.3,0.5", "--criterion", "bn",
@@ -57,17 +57,17 @@ def test_plan_draws_one_mask_per_checkpoint_and_ratio(eb_run, capsys):
     assert main(args) == 0
     grid = GridPaths(_last_line(capsys))
     tasks = load_plan(grid.root)["tasks"]
-    structured = [t for t in tasks if t["kind"] == "structured"]
-    assert [t["kind"] for t in tasks].count("oneshot") == 1 and len(structured) == 6
+    structured = [t for t in tasks if t.kind == "structured"]
+    assert [t.kind for t in tasks].count("oneshot") == 1 and len(structured) == 6
     drawn = read_json(eb_run.early_bird)["drawn_epoch"]
-    assert {(t["rewind"], t["draw_epoch"]) for t in structured} == {
+    assert {(t.rewind, t.draw_epoch) for t in structured} == {
         ("1ep", 1.0), ("2ep", 2.0), ("early_bird", float(drawn))}
     # Each mask is select_channels on its own checkpoint's weights (Early-Bird: the ticket's).
     for draw in ("2ep", "early_bird"):
         model = load_checkpoint(eb_run.root, draw)
         for ratio in (0.3, 0.5):
-            (task,) = [t for t in structured if (t["rewind"], t["ratio"]) == (draw, ratio)]
-            mask, meta = load_mask(grid.mask(task["mask_id"]))
+            (task,) = [t for t in structured if (t.rewind, t.ratio) == (draw, ratio)]
+            mask, meta = load_mask(grid.mask(task.mask_id))
             want = select_channels(model, "bn", ratio, scope="global")
             assert sorted(mask) == sorted(want) and meta["scope"] == "global"
             for name in want:
@@ -118,11 +118,11 @@ def ran_grid(eb_run) -> GridPaths:
 
 
 def _records(grid: GridPaths) -> list[dict]:
-    return [read_json(grid.result(t["task_id"])) for t in load_plan(grid.root)["tasks"]]
+    return [read_json(grid.result(t.task_id)) for t in load_plan(grid.root)["tasks"]]
 
 
 def _validation(run: DenseRunPaths):
-    from lottery.points.oneshot import dense_recipe, open_dense_run
+    from lottery.points.recipe import dense_recipe, open_dense_run
 
     return dense_recipe(open_dense_run(run.root), epochs=1).validation_data
 
@@ -133,8 +133,8 @@ def test_points_compact_retrain_and_save_the_smaller_network(eb_run, ran_grid):
     import keras
     import tensorflow as tf
 
+    from lottery.prune.channel_masks import apply_structured
     from lottery.prune.masks import load_mask
-    from lottery.prune.channels import apply_structured
     from train.checkpoints import load_checkpoint
 
     records = _records(ran_grid)
@@ -209,7 +209,7 @@ def test_report_has_structured_rows_and_early_bird_plots(eb_run, ran_grid, capsy
     text = out["report"].read_text()
     assert "## Structured pruning (compacted networks)" in text
     drawn = read_json(eb_run.early_bird)["drawn_epoch"]
-    for task_id, r in records.items():
+    for r in records.values():
         draw = "1ep" if r["draw"] == "1ep" else f"early_bird (epoch {drawn})"
         line = next(line for line in text.splitlines() if line.startswith(f"| {draw} |"))
         assert f"{r['params']:,} / {r['params_dense']:,}" in line

@@ -6,8 +6,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from lottery.prune.channel_graph import channel_groups  # noqa: E402
+from lottery.prune.channel_masks import apply_structured, select_channels  # noqa: E402
 from lottery.prune.masks import load_mask, save_mask  # noqa: E402
-from lottery.prune.channels import apply_structured, channel_groups, select_channels  # noqa: E402
 from train.models import build_model  # noqa: E402
 
 L = keras.layers
@@ -240,8 +241,10 @@ def _randomise_bn(model, seed=0):
     for layer in model._flatten_layers(include_self=False, recursive=True):
         if isinstance(layer, L.BatchNormalization):
             n = layer.gamma.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n)); layer.beta.assign(rng.normal(0, 0.3, n))
-            layer.moving_mean.assign(rng.normal(0, 0.3, n)); layer.moving_variance.assign(rng.uniform(0.5, 2, n))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n))
+            layer.beta.assign(rng.normal(0, 0.3, n))
+            layer.moving_mean.assign(rng.normal(0, 0.3, n))
+            layer.moving_variance.assign(rng.uniform(0.5, 2, n))
 
 
 def test_apply_structured_makes_pruned_channels_exactly_zero():
@@ -292,7 +295,7 @@ def test_apply_structured_refuses_masks_that_are_not_exact_channel_masks():
     (37, 5, 1, 5),      # round_to 1: unchanged
 ])
 def test_rounded_keep_rules(width, kept, n, expected):
-    from lottery.prune.channels import rounded_keep
+    from lottery.prune.channel_masks import rounded_keep
 
     got = rounded_keep(width, kept, n)
     assert got == expected
@@ -300,7 +303,7 @@ def test_rounded_keep_rules(width, kept, n, expected):
 
 
 def test_rounded_keep_refuses_bad_values():
-    from lottery.prune.channels import rounded_keep
+    from lottery.prune.channel_masks import rounded_keep
 
     with pytest.raises(ValueError, match="round_to"):
         rounded_keep(16, 8, 0)

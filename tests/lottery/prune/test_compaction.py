@@ -8,8 +8,8 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from lottery.prune.channel_masks import apply_structured, select_channels  # noqa: E402
 from lottery.prune.compaction import compact, fold_batchnorm, model_cost, model_flops  # noqa: E402
-from lottery.prune.channels import apply_structured, select_channels  # noqa: E402
 from train.models import BATCHNORM_MODELS, MODELS, build_model  # noqa: E402
 
 L = keras.layers
@@ -167,7 +167,8 @@ def test_model_cost_matches_a_hand_count(tmp_path):
     model = keras.Model(inp, out)
     cost = model_cost(model)
     assert cost["flops"] == 6 * 6 * 4 * (3 * 3 * 2) + 2 * 2 * 4 * (3 * 3) + 2 * 2 * 3 * 4 + 12 * 5
-    assert cost["params"] == model.count_params() == (3 * 3 * 2 * 4 + 4) + 4 * 4 + (9 * 4 + 4) + (4 * 3 + 3) + (12 * 5 + 5)
+    assert cost["params"] == model.count_params() == ((3 * 3 * 2 * 4 + 4) + 4 * 4 + (9 * 4 + 4) + (4 * 3 + 3)
+                                                      + (12 * 5 + 5))
     model.save(tmp_path / "m.keras")
     assert cost["file_bytes"] == (tmp_path / "m.keras").stat().st_size
 

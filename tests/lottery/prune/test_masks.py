@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lottery.prune import masks
+
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _weights(seed=0):
@@ -133,7 +138,8 @@ def test_prune_remaining_prunes_a_fraction_of_what_is_left():
         assert not (m2[k] & ~m1[k]).any()
     per_layer = masks.prune_remaining(w, m1, 0.5, scope="layer")
     for k in w:
-        assert np.count_nonzero(per_layer[k]) == np.count_nonzero(m1[k]) - int(np.floor(0.5 * np.count_nonzero(m1[k]) + 0.5))
+        kept = np.count_nonzero(m1[k])
+        assert np.count_nonzero(per_layer[k]) == kept - int(np.floor(0.5 * kept + 0.5))
 
 
 def test_structured_per_channel_entries_broadcast():
@@ -195,3 +201,17 @@ def test_load_refuses_pickles_oversize_and_bad_names(tmp_path):
     with pytest.raises(ValueError, match="not a readable mask"):
         (tmp_path / "junk.npz").write_bytes(b"not a zip")
         masks.load_mask(tmp_path / "junk.npz")
+
+
+def test_the_size_limit_is_an_argument_not_the_environment(tmp_path):
+    """The environment at import time does not change what load_mask accepts: only max_bytes does."""
+    path = tmp_path / "m.npz"
+    masks.save_mask(path, {"a/kernel": np.ones((10, 10), bool)})
+    code = ("import sys; from lottery.prune import masks; "
+            "print(int(masks.load_mask(sys.argv[1])[0]['a/kernel'].sum()), masks.MAX_MASK_BYTES)")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "BIGTICKET_MAX_MASK_BYTES": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["100", str(4 << 30)]
+    with pytest.raises(ValueError, match="over the limit of 50"):
+        masks.load_mask(path, max_bytes=50)

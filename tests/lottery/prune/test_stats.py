@@ -8,7 +8,13 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from lottery.prune.stats import PERCENTS, format_stats_table, prunable_weights, weight_stats, write_stats
+from lottery.prune.stats import (  # noqa: E402
+    PERCENTS,
+    format_stats_table,
+    prunable_weights,
+    weight_stats,
+    write_stats,
+)
 
 
 def _conv_model():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import csv
 import functools
+import json
+import logging
 
 import pytest
 
@@ -10,10 +12,13 @@ from common.atomic import read_json
 from common.paths import DenseRunPaths, GridPaths
 from common.settings import make_settings, settings_to_dict
 from lottery.grid.plan import build_tasks, write_plan
-from lottery.report.build import accuracy_table, build_report, grid_progress, result_row
 from lottery.grid.scheduler import run_grid
 from lottery.grid.settings import GridSettings
-from tests.lottery.workload import expected_accuracy, sleep_point
+from lottery.grid.simulate import expected_accuracy, sleep_point
+from lottery.report.build import build_report
+from lottery.report.progress import grid_progress
+from lottery.report.results import result_row
+from lottery.report.tables import accuracy_table
 
 POSITIONS = {"init": 0.0, "1ep": 1.0, "final": 4.0}
 
@@ -31,7 +36,7 @@ def finished_grid(tmp_path_factory):
                                             "controls": ["random_reinit", "random_mask"],
                                             "imp_rounds": 4, "imp_rate": 0.5})
     sparsity = {}
-    for kind, value in settings.thresholds:
+    for _kind, value in settings.thresholds:
         sparsity[f"global-s{int(round(value * 10000)):04d}"] = value
     tasks = build_tasks(settings, POSITIONS, _RandomAware(sparsity))
     grid = write_plan(GridPaths(run.root / "lottery-test"), settings_to_dict(settings), tasks,
@@ -112,6 +117,33 @@ def test_partial_grid_and_bad_result_files(finished_grid, tmp_path):
     assert out["dense_accuracy"] is None  # no history.csv beside this copy
     progress = grid_progress(grid.root)
     assert progress["done"] == 9 and progress["pending"] == 30 and progress["eta_seconds"] is not None
+
+
+def test_result_files_that_are_not_result_records_are_named_and_skipped(finished_grid, tmp_path, caplog):
+    """A result file whose JSON is not an object (or not JSON, or whose result is not an object)
+    must not crash `lottery status` or `bigticket report`: each is skipped with a warning naming it."""
+    import shutil
+
+    grid = GridPaths(tmp_path / "dense-x" / "lottery-copy")
+    shutil.copytree(finished_grid.root, grid.root)
+    ids = sorted(p.name[:-5] for p in grid.results.iterdir())[:4]
+    bad = {ids[0]: "[]", ids[1]: "3", ids[2]: "{not json"}
+    record = read_json(grid.result(ids[3]))
+    bad[ids[3]] = json.dumps({**record, "result": 3})
+    for task_id, text in bad.items():
+        grid.result(task_id).write_text(text)
+    with caplog.at_level(logging.WARNING):
+        progress = grid_progress(grid.root)
+    assert progress["done"] == 39 and progress["pending"] == 0  # a result file means done
+    for task_id in bad:
+        assert any(str(grid.result(task_id)) in r.getMessage() for r in caplog.records), task_id
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        out = build_report(grid.root)
+    assert out["rows"] == 35 and out["total"] == 39
+    for task_id in bad:
+        assert any(str(grid.result(task_id)) in r.getMessage() for r in caplog.records), task_id
+    assert "points finished: 35/39" in out["report"].read_text()
 
 
 def test_quantile_rows_are_labelled_with_the_quantile():

@@ -14,8 +14,7 @@ keras = pytest.importorskip("keras")
 
 from lottery.vae import cli as vae_cli  # noqa: E402
 from lottery.vae.model import build_vae, evaluate_vae, evaluation_noise, hidden_layers, train_vae  # noqa: E402
-from lottery.vae.study import (VaeStudySettings, compact_vae, load_pixels,  # noqa: E402
-                               neuron_keeps, study_paths)
+from lottery.vae.study import VaeStudySettings, compact_vae, load_pixels, neuron_keeps, study_paths  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -292,4 +291,4 @@ def test_cli_errors_from_the_command_line(tmp_path):
     from_config = run("--config", config)
     assert from_config.returncode == 2 and f"ratios in {config}" in from_config.stderr
     not_a_dataset = run("--data", tmp_path / "nowhere")
-    assert not_a_dataset.returncode == 1 and "nowhere" in not_a_dataset.stderr
+    assert not_a_dataset.returncode == 2 and "nowhere" in not_a_dataset.stderr

@@ -1,0 +1,154 @@
+"""The shared recipe of every grid point: how to retrain a pruned model, and the dense run's recipe.
+
+`retrain` is the core (any model, any data, any mask, including none); `dense_recipe` reads the
+dense run's recipe (optimizer, learning-rate schedule, epochs, data pipeline) from its
+settings.json. The runners (lottery.points.oneshot, imp, structured) build on both.
+
+Rewinding: the weights come from the rewind checkpoint; the optimizer state starts fresh (the
+checkpoint's is not restored) and the learning-rate schedule continues from the rewind point's
+position in the dense run, clamped at its end, for the task's `epochs` epochs. With the default
+rewind `init` and the default epochs this is exactly the dense run's recipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from common.atomic import read_json
+from common.paths import DenseRunPaths
+from common.settings import make_settings
+from common.stop import StopToken
+from lottery.points.epoch_checkpoint import EpochCheckpoint
+from lottery.points.masked_training import check_mask, reinitialize, train_masked
+from lottery.prune import masks as masks_mod
+from train.checkpoints import RewindPoint
+from train.data import make_dataset, open_dataset
+from train.local_engine import compile_kwargs, make_optimizer
+from train.schedules import lr_at
+from train.settings import DenseSettings
+
+
+@dataclasses.dataclass
+class Recipe:
+    """How to (re)train: everything but the model and the mask."""
+
+    optimizer: Any                       # keras optimizer (its class and config are reused)
+    loss: Any
+    epochs: int
+    train_data: Any                      # (x, y) | dataset | callable epoch -> either
+    validation_data: Any                 # (x, y) | dataset
+    learning_rate: Callable[[int], float | None] | None = None   # retraining epoch -> rate
+    batch_size: int | None = None        # for array data only
+
+
+def history_rows(history: Mapping[str, list[float]]) -> list[dict[str, float]]:
+    """{'loss': [..], ...} -> [{'epoch': 1, 'loss': .., ...}, ...]"""
+    n = max((len(v) for v in history.values()), default=0)
+    return [{"epoch": i + 1, **{k: v[i] for k, v in history.items() if i < len(v)}} for i in range(n)]
+
+
+def retrain(model, mask: Mapping[str, np.ndarray], recipe: Recipe, *, reinit_seed: int | None = None,
+            label: str = "point", checkpoint: EpochCheckpoint | None = None,
+            stop: StopToken | None = None) -> dict[str, Any]:
+    """Retrain `model` (holding the rewind weights) under `mask`; the result of the point.
+
+    reinit_seed: the random_reinit control (fresh initial weights drawn with this seed, same mask).
+    checkpoint: where every complete epoch is saved and resumed from (a grid point passes its own,
+    EpochCheckpoint.for_mask in its partial state); None trains without one. stop: a StopToken
+    that raises common.stop.Preempted after the current batch once requested.
+    """
+    t0 = time.perf_counter()
+    if reinit_seed is not None:
+        reinitialize(model, reinit_seed)
+    history = train_masked(model, mask, recipe.train_data, recipe.validation_data,
+                           optimizer=recipe.optimizer, loss=recipe.loss, epochs=recipe.epochs,
+                           learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, label=label,
+                           checkpoint=checkpoint, stop=stop)
+    if "val_accuracy" not in history:
+        raise ValueError("the recipe has no validation data: a grid point is judged on it")
+    val_acc = history["val_accuracy"]
+    best = int(np.argmax(val_acc))
+    real = masks_mod.mask_sparsity(mask, mask_shapes(model, mask))
+    return {
+        "accuracy": float(val_acc[-1]),
+        "loss": float(history["val_loss"][-1]),
+        "best_accuracy": float(val_acc[best]),
+        "epochs_to_best": best + 1,
+        "sparsity": real["overall"],
+        "remaining_weights": real["remaining"],
+        "total_weights": real["total"],
+        "layer_sparsity": {n: row["sparsity"] for n, row in real["layers"].items()},
+        "epochs": recipe.epochs,
+        # Epochs restored from a preempted run (not trained again); wall_time_s is this run's only.
+        "resumed_from_epoch": checkpoint.resumed_from if checkpoint is not None else 0,
+        "wall_time_s": time.perf_counter() - t0,
+        "history": history_rows(history),
+    }
+
+
+def mask_shapes(model, mask: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Shapes of the weights of `model` that `mask` covers (checked against the mask)."""
+    return {n: tuple(v.shape) for n, v in check_mask(model, mask).items()}
+
+
+# --------------------------------------------------------------------------- the dense run's recipe
+@dataclasses.dataclass(frozen=True)
+class DenseRun:
+    paths: DenseRunPaths
+    record: dict            # settings.json as written by train.run
+    settings: DenseSettings  # resolved
+
+    def position(self, rewind: str) -> float:
+        """Where `rewind` sits in the dense run, in epochs (for the learning-rate schedule)."""
+        if rewind == "init":
+            return 0.0
+        if rewind == "final":
+            return float(self.settings.epochs)
+        point = RewindPoint.parse(rewind)
+        if point.unit == "ep":
+            return float(point.count)
+        return point.count / int(self.record["steps_per_epoch"])
+
+
+def open_dense_run(run_dir: str | os.PathLike) -> DenseRun:
+    run = DenseRunPaths(Path(run_dir))
+    if not run.settings.is_file():
+        raise FileNotFoundError(f"--run {run.root}: not a dense run directory (no settings.json)")
+    record = read_json(run.settings)
+    try:
+        settings = make_settings(DenseSettings, record["settings"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{run.settings}: field settings is missing or malformed ({err})") from None
+    return DenseRun(run, record, settings)
+
+
+def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float = 0.0) -> Recipe:
+    """The dense run's optimizer, loss, schedule and data, for `epochs` epochs from `start_epoch`."""
+    s = run.settings
+    info = open_dataset(s.data)
+    if info.manifest_sha256 != run.record.get("manifest_sha256"):
+        raise ValueError(f"{run.paths.settings}: the dataset at {s.data} is not the one this run "
+                         f"was trained on (manifest sha256 differs)")
+    epochs = epochs or s.epochs
+    kwargs = dict(batch_size=s.batch_size, input_size=s.input_size, fmt=s.format, cache=s.cache)
+
+    def train_data(epoch: int):
+        # The dense run's data order for the same epoch of the schedule (seeded by its seed).
+        return make_dataset(info, "train", training=True, seed=s.seed,
+                            epoch=int(math.floor(start_epoch)) + epoch, augment=s.augment,
+                            shuffle_buffer=s.shuffle_buffer, **kwargs)
+
+    return Recipe(
+        optimizer=make_optimizer(s),
+        loss=compile_kwargs()["loss"],
+        epochs=epochs,
+        train_data=train_data,
+        validation_data=make_dataset(info, "validation", training=False, **kwargs),
+        learning_rate=lambda epoch: lr_at(s, min(start_epoch + epoch, float(s.epochs))),
+    )
