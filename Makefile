@@ -31,7 +31,7 @@ test: lint
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 bench: $(STAMP)
-	for b in etl_throughput train_throughput grid_scaling masked_step compaction_speedup early_bird_saving; do \
+	for b in etl_throughput resample_quality etl_scale train_throughput grid_scaling cluster_sim masked_step compaction_speedup early_bird_saving capacity; do \
 	  $(BIN)/python bench/$$b.py || exit 1; done
 
 clean-demo:

@@ -7,7 +7,8 @@ to +-40% as real estimates are; dynamic hand-out and static striding run the sam
     .venv/bin/python bench/grid_scaling.py [--points 24] [--mean 0.5] [--ranks 1,2,4]
 
 Reports per run: makespan (first start to last finish, over the result files), ideal = sum of
-point times / ranks, parallel efficiency = ideal / makespan, and the scheduler overhead per point
+point times / ranks, parallel efficiency = ideal / makespan (and against the longest-first schedule
+of the measured point times on the working ranks, "vs LPT"), and the scheduler overhead per point
 (the gap on a rank between finishing one point and starting the next). Targets: efficiency >= 0.9
 at 4 ranks (dynamic), overhead < 0.2 s per point. Prints a table, writes
 bench/results/grid_scaling.json.
@@ -32,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from common.atomic import read_json, write_json  # noqa: E402
 from lottery.grid.plan import load_tasks  # noqa: E402
-from lottery.grid.simulate import EXECUTOR, make_sleep_grid  # noqa: E402
+from lottery.grid.simulate import EXECUTOR, lpt_makespan, make_sleep_grid  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "grid_scaling.json"
 
@@ -75,10 +76,14 @@ def run_once(base: Path, durations, estimates, ranks: int, strategy: str, coordi
         rs.sort(key=lambda r: r["started_at"])
         gaps += [b["started_at"] - a["finished_at"] for a, b in zip(rs, rs[1:])]
     ideal = work / ranks
+    # The longest-first schedule of the measured point times: what a perfect dynamic scheduler
+    # reaches with exact estimates (bench/cluster_sim.py measures against it at 80 ranks).
+    lpt = lpt_makespan([r["wall_time"] for r in results], workers)
     return {"ranks": ranks, "strategy": strategy, "rank0": "coordinates only" if coordinator_only else "works",
             "working_ranks": workers, "points": len(results), "work_s": round(work, 3),
             "ideal_s": round(ideal, 3), "makespan_s": round(makespan, 3),
-            "efficiency": round(ideal / makespan, 3), "job_wall_s": round(wall, 3),
+            "efficiency": round(ideal / makespan, 3), "lpt_s": round(lpt, 3),
+            "efficiency_vs_lpt": round(lpt / makespan, 3), "job_wall_s": round(wall, 3),
             "overhead_per_point_s": round(float(np.mean(gaps)) if gaps else 0.0, 4),
             "max_gap_s": round(float(np.max(gaps)) if gaps else 0.0, 4)}
 
@@ -103,14 +108,15 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(base, ignore_errors=True)
     header = (f"{'ranks':>5} {'strategy':>8} {'rank 0':>17} {'ideal s':>8} {'makespan s':>10} "
-              f"{'efficiency':>10} {'overhead/pt s':>13} {'job wall s':>10}")
+              f"{'efficiency':>10} {'vs LPT':>6} {'overhead/pt s':>13} {'job wall s':>10}")
     print(f"{args.points} points, {sum(durations):.2f} s of work, durations {min(durations):.2f}.."
           f"{max(durations):.2f} s, estimates off by up to 40%")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['ranks']:>5} {r['strategy']:>8} {r['rank0']:>17} {r['ideal_s']:>8.2f} "
-              f"{r['makespan_s']:>10.2f} {r['efficiency']:>10.3f} {r['overhead_per_point_s']:>13.4f} "
+              f"{r['makespan_s']:>10.2f} {r['efficiency']:>10.3f} {r['efficiency_vs_lpt']:>6.3f} "
+              f"{r['overhead_per_point_s']:>13.4f} "
               f"{r['job_wall_s']:>10.2f}")
     best4 = [r for r in rows if r["ranks"] == 4 and r["strategy"] == "dynamic" and r["rank0"] == "works"]
     targets = {}

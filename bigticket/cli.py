@@ -9,7 +9,8 @@ import importlib
 import importlib.util
 import sys
 
-from common.logs import setup_logging
+from common.logs import separate_stderr_under_spark_submit, setup_logging
+from common.native_logs import quiet_tensorflow
 
 # stage name -> (module with `add_arguments(parser)` and `run(args) -> int`, help line)
 STAGES = {
@@ -38,6 +39,7 @@ def _importable(module_name: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    separate_stderr_under_spark_submit()  # before parsing: usage errors are stderr too
     argv = list(sys.argv[1:] if argv is None else argv)
     # Import only the requested stage; with no known stage, list every stage for --help.
     if argv and argv[0] in STAGES:
@@ -46,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         chosen = {k: v for k, v in STAGES.items() if _importable(v[0])}
     args = build_parser(chosen).parse_args(argv)
     setup_logging()
+    quiet_tensorflow()  # before any stage imports TensorFlow
     return int(args._stage_module.run(args) or 0)
 
 

@@ -5,6 +5,11 @@ Each stage is one of the sbatch scripts in slurm/, submitted with `sbatch --pars
 (add `--sbatch=--kill-on-invalid-dep=yes` to have SLURM cancel the rest of a failed chain).
 Stages hand paths on through small files in --state-dir: the training job saves its run
 directory, the plan job its grid directory.
+
+Before the first sbatch, every stage's flags are parsed by that stage's own parser and turned into
+its settings, as the job will do hours later; anything refused stops the submission (exit 2),
+naming the stage and the flag. Checks that need files the chain has yet to write (the dataset, the
+dense run) are left to the jobs.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ from pathlib import Path
 
 from common.cli import remember_prog, usage_error
 from common.logs import setup_logging
+from etl import cli as etl_cli
+from lottery import cli as lottery_cli
+from train import cli as train_cli
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,86 @@ def pipeline_stages(args: argparse.Namespace) -> list[Stage]:
     return stages
 
 
+class _StageFlagError(Exception):
+    pass
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """A stage's own parser that raises where argparse would print usage and exit."""
+
+    def error(self, message: str):
+        raise _StageFlagError(message)
+
+    def exit(self, status: int = 0, message: str | None = None):
+        raise _StageFlagError((message or "").strip() or "--help/--version is not a stage flag")
+
+
+def _parse(add_arguments, prog: str, argv: list[str]) -> argparse.Namespace:
+    parser = _CheckingParser(prog=prog)
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+# Where the pipeline's placeholders stand for paths the chain writes later (never read here).
+_LATER = "<written-by-the-previous-stage>"
+
+
+def _check_etl(args: argparse.Namespace) -> None:
+    ns = _parse(etl_cli.add_arguments, "bigticket etl",
+                ["prepare", "--out", str(args.dataset), *_words("--etl", args.etl)])
+    etl_cli.settings_from_args(ns)
+
+
+def _check_train(args: argparse.Namespace):
+    ns = _parse(train_cli.add_arguments, "bigticket train",
+                ["dense", "--engine", args.engine, "--data", str(args.dataset),
+                 "--out", str(args.runs), *_words("--train", args.train)])
+    return train_cli.settings_from_args(ns)
+
+
+def _check_plan(args: argparse.Namespace, dense) -> None:
+    ns = _parse(lottery_cli.add_arguments, "bigticket lottery",
+                ["plan", "--run", _LATER, *_words("--plan", args.plan)])
+    grid = lottery_cli.PLAN_FLAGS.resolve(ns)
+    if dense is None:
+        return
+    # The dense run saves init, final and its --rewind points: a grid asking for another fails.
+    saved = ("init", "final", *dense.rewind)
+    for flag, labels in (("--rewind", grid.rewind), ("--draw", grid.draw)):
+        missing = [label for label in labels if label not in saved]
+        if missing:
+            raise _StageFlagError(f"{flag}: {', '.join(missing)} not saved by the training stage "
+                                  f"(it saves {', '.join(saved)}; add them to --train's --rewind)")
+    if grid.early_bird and not dense.early_bird:
+        raise _StageFlagError("--early-bird: the training stage does not run with --early-bird")
+
+
+def _check_lottery(args: argparse.Namespace) -> None:
+    _parse(lottery_cli.add_arguments, "bigticket lottery",
+           ["run", "--grid", _LATER, *_words("--lottery-args", args.lottery_args)])
+
+
+def check_stage_flags(args: argparse.Namespace) -> None:
+    """Parse and resolve every stage's flags as its job will; SubmitError lists every refusal,
+    each naming the pipeline flag that carried it and the stage's own flag."""
+    problems = []
+    dense = None
+    checks = [("--etl", "etl prepare", lambda: _check_etl(args))] if not args.skip_etl else []
+    checks += [("--train", "train dense", lambda: _check_train(args)),
+               ("--plan", "lottery plan", lambda: _check_plan(args, dense)),
+               ("--lottery-args", "lottery run", lambda: _check_lottery(args))]
+    for flag, command, check in checks:
+        try:
+            result = check()
+        except (_StageFlagError, SubmitError, ValueError) as err:  # UsageError, SettingsError
+            problems.append(f"{flag} (bigticket {command}): {err}")
+            continue
+        if flag == "--train":
+            dense = result
+    if problems:
+        raise SubmitError("stage flags refused, nothing submitted:\n  " + "\n  ".join(problems))
+
+
 def _sbatch_command(stage: Stage, common: list[str], per_stage: list[str], after: str | None) -> list[str]:
     dependency = [f"--dependency=afterok:{after}"] if after else []
     return ["sbatch", "--parsable", *dependency, *common, *per_stage, str(stage.script), *stage.args]
@@ -78,6 +166,7 @@ def _sbatch_command(stage: Stage, common: list[str], per_stage: list[str], after
 def submit_pipeline(args: argparse.Namespace, out=sys.stdout) -> dict[str, str]:
     """Submit (or, with --dry-run, print) every stage; returns stage name -> job id."""
     stages = pipeline_stages(args)
+    check_stage_flags(args)
     common = [word for item in args.sbatch or [] for word in _words("--sbatch", item)]
     per_stage = {name: _words(f"--{name}-sbatch", getattr(args, f"{name}_sbatch"))
                  for name in ("etl", "train", "plan", "lottery", "report")}

@@ -11,13 +11,16 @@ Each field of a settings class (common.settings.settings_dataclass) is one flag:
 
 Precedence: the preset (`--preset NAME`, common.presets), then the config file (`--config FILE`),
 then the flags, each overriding the last. A usage error prints `<command>: error: <message>`, as
-argparse does for its own, and the command exits with status 2. A bad value is named by where it
-came from: the flag typed, the config file or the preset.
+argparse does for its own, and the command exits with status 2. A bad value is named once, by where
+it came from: the flag typed (`--rewind: ...`), or the key and the config file or preset
+(`rewind in dense.yaml: ...`); a field a later check names (`data: ...`) is shown the same way, and
+an unknown key or choice gets the nearest valid name (`did you mean ...?`).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import types
 import typing
@@ -29,7 +32,12 @@ from common.presets import preset
 from common.settings import Flag, SettingsError, load_settings_file, make_settings
 
 EXIT_USAGE = 2
+EXIT_FAILURE = 1
 _FROM_FLAG = object()  # origin of a value typed on the command line
+# "field: ..." or "field/other: ...", how settings and later checks name what is at fault
+_FIELD_PREFIX = re.compile(r"^([a-z][a-z0-9_]*(?:/[a-z][a-z0-9_]*)*): ")
+# a field's name inside a message ("needs early_bird on"), after a space or parenthesis only
+_FIELD_WORD = re.compile(r"(?<=[\s(])([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?![\w/-]|\.\w)")
 
 
 class UsageError(ValueError):
@@ -43,9 +51,19 @@ def remember_prog(parser: argparse.ArgumentParser) -> None:
 
 def usage_error(args: argparse.Namespace, err: object) -> int:
     """Print `<command>: error: <err>` to stderr; returns the exit status of a usage error."""
+    return report_error(args, err, EXIT_USAGE)
+
+
+def report_error(args: argparse.Namespace, err: object, status: int = EXIT_FAILURE) -> int:
+    """Print `<command>: error: <err>` to stderr, a settings field at its start named as the user
+    gave it (flag, or key and file); returns `status`."""
     prog = getattr(args, "_prog", None) or "bigticket"
-    print(f"{prog}: error: {err}", file=sys.stderr)
-    return EXIT_USAGE
+    text = str(err)
+    flags = getattr(args, "_settings_flags", None)
+    if flags is not None and not isinstance(err, UsageError):  # UsageError: named already
+        text = flags.name_fields(text, getattr(args, "_setting_origins", None) or {})
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return status
 
 
 def _key_value(item: str) -> tuple[str, Any]:
@@ -194,8 +212,34 @@ class SettingsFlags:
     def flag(self, field: str) -> str:
         return self.options[field].flag if field in self.options else field
 
+    def name_of(self, field: str, origin: Any = None) -> str:
+        """How a message names `field`: its flag, or its key and the file or preset it came from
+        (a field without a flag: its key)."""
+        if origin is None or origin is _FROM_FLAG:
+            return self.flag(field)
+        return f"{field} in {origin}"
+
+    def name_fields(self, message: str, origins: Mapping[str, Any] | None = None) -> str:
+        """A message naming settings fields (`rewind: ...`, `workers/averaging: ...`, `needs
+        early_bird on`) rewritten to name them as the user gave them (name_of), once."""
+        origins = origins or {}
+        match = _FIELD_PREFIX.match(message)
+        if match and all(f in self.fields for f in match.group(1).split("/")):
+            names = [self.name_of(f, origins.get(f)) for f in match.group(1).split("/")]
+            rest = message[match.end():]
+            prefix = "" if len(names) == 1 and rest.startswith(names[0] + " ") else (
+                "/".join(names) + ": ")   # "input: --input is required ...": say it once
+            message = prefix + _FIELD_WORD.sub(lambda m: self._inline(m.group(1), origins), rest)
+        return message
+
+    def _inline(self, word: str, origins: Mapping[str, Any]) -> str:
+        if word not in self.fields or origins.get(word) not in (None, _FROM_FLAG):
+            return word
+        return self.flag(word)
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         remember_prog(parser)
+        parser.set_defaults(_settings_flags=self)
         title_of = {f: title for title, fields in self.groups.items() for f in fields}
         sections = {title: parser.add_argument_group(title) for title in self.groups}
         targets: dict[str, Any] = {}
@@ -238,6 +282,7 @@ class SettingsFlags:
             values[field], origins[field] = given, _FROM_FLAG
         if fill is not None:
             fill(values)
+        args._setting_origins = origins  # for report_error: checks made after resolving
         for field, info in self.fields.items():
             if info.is_required() and values.get(field) in (None, ""):
                 raise UsageError(f"{self.flag(field)} is required (or set {field!r} in --config)")
@@ -252,19 +297,18 @@ class SettingsFlags:
         origins.update((k, origin) for k in layer)
 
     def _explain(self, err: SettingsError, origins: Mapping[str, Any]) -> str:
-        """The settings' own message for each problem, prefixed by where the value came from."""
+        """The settings' own message for each problem, the field named once, as it was given."""
         if not err.problems:
-            return str(err)
+            return self.name_fields(str(err), origins)
         parts = []
         for loc, message in err.problems:
-            where = ".".join(map(str, loc))
-            origin = origins.get(str(loc[0])) if loc else None
-            if not loc:
-                parts.append(message)
-            elif origin is _FROM_FLAG:
-                parts.append(f"{self.flag(str(loc[0]))}: {where}: {message}")
-            elif origin is not None:
-                parts.append(f"{where} in {origin}: {message}")
-            else:
-                parts.append(f"{where}: {message}")
+            if not loc:  # a check across fields: its message starts with the field(s)
+                parts.append(self.name_fields(message, origins))
+                continue
+            field, origin = str(loc[0]), origins.get(str(loc[0]))
+            if origin is None or origin is _FROM_FLAG:
+                parts.append(f"{self.flag(field)}: {message}")
+            else:  # the key path as written in the file, without list positions
+                key = ".".join(str(p) for p in loc if not isinstance(p, int))
+                parts.append(f"{key} in {origin}: {message}")
         return "; ".join(parts)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from common.settings import did_you_mean
+
 STAGES = ("dense", "grid")
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -46,7 +48,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 def preset(name: str, stage: str) -> dict[str, Any]:
     """A fresh copy of preset `name`'s settings for `stage` ('dense' or 'grid')."""
     if name not in PRESETS:
-        raise ValueError(f"--preset: unknown preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+        raise ValueError(f"--preset: unknown preset {name!r}{did_you_mean(name, PRESETS)} "
+                         f"(known: {', '.join(sorted(PRESETS))})")
     if stage not in STAGES:
         raise ValueError(f"preset {name!r}: stage must be one of {STAGES}, got {stage!r}")
     return copy.deepcopy(PRESETS[name][stage])

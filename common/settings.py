@@ -8,6 +8,7 @@ field's help is its `pydantic.Field(description=...)` (common.cli turns fields i
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -53,30 +54,61 @@ class SettingsError(ValueError):
         self.problems = tuple(problems)
 
 
-def _problem(error: Mapping[str, Any]) -> tuple[tuple, str]:
+def did_you_mean(word: str, known: Iterable[str]) -> str:
+    """"; did you mean 'x'?" naming the known name nearest to a mistyped `word`, or ""."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def flag_aliases(cls: type) -> dict[str, str]:
+    """Key spelled as its flag -> field, for fields whose flag is not `--field-name`
+    (`shards` -> `train_shards` for `--shards`): what a config-file writer may type."""
+    out = {}
+    for field, info in cls.__pydantic_fields__.items():
+        for meta in info.metadata:
+            if isinstance(meta, Flag) and meta.name:
+                out[meta.name.removeprefix("--").replace("-", "_")] = field
+    return out
+
+
+def _unknown_key(cls: type, key: str) -> str:
+    fields = list(cls.__pydantic_fields__)
+    aliases = flag_aliases(cls)
+    if key in aliases:
+        flag = "--" + key.replace("_", "-")
+        return f"unknown setting; did you mean {aliases[key]!r} (the key of {flag})?"
+    close = difflib.get_close_matches(key, fields + list(aliases), n=1, cutoff=0.6)
+    return "unknown setting" + (f"; did you mean {aliases.get(close[0], close[0])!r}?"
+                                if close else "")
+
+
+def _problem(cls: type, error: Mapping[str, Any]) -> tuple[tuple, str]:
     message = error["msg"].removeprefix("Value error, ")
+    loc = tuple(error["loc"])
     if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        message = "unknown setting"
+        message = _unknown_key(cls, str(loc[0])) if loc else "unknown setting"
     elif error["type"] == "literal_error":
         expected = error["ctx"]["expected"].replace(" or ", ", ")
-        message = f"invalid choice: {error['input']!r} (choose from {expected})"
-    loc = tuple(error["loc"])
+        choices = [c.strip().strip("'") for c in expected.split(",")]
+        message = (f"invalid choice: {error['input']!r}{did_you_mean(error['input'], choices)} "
+                   f"(choose from {expected})")
     if loc:  # validators name their field themselves ("rewind: ..."): say it once
         message = message.removeprefix(f"{loc[0]}: ")
     return loc, message
 
 
 def make_settings(cls: type[T], values: Mapping[str, Any]) -> T:
-    """Build settings from a mapping; errors name the field."""
+    """Build settings from a mapping; errors name the field (and suggest the nearest name for
+    an unknown key or choice)."""
     try:
         return cls(**dict(values))
     except pydantic.ValidationError as err:
-        problems = [_problem(e) for e in err.errors()]
+        problems = [_problem(cls, e) for e in err.errors()]
         text = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" if loc else msg
                          for loc, msg in problems)
-        raise SettingsError(f"invalid {cls.__name__}: {text}", problems) from None
+        raise SettingsError(f"invalid settings: {text}", problems) from None
     except TypeError as err:  # unexpected keyword on older pydantic paths
-        raise SettingsError(f"invalid {cls.__name__}: {err}") from None
+        raise SettingsError(f"invalid settings: {err}") from None
 
 
 def load_settings_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -1,20 +1,26 @@
 """`bigticket etl prepare ...` and `bigticket etl verify DIR`.
 
 The flags of `prepare` are EtlSettings' fields (common.cli); `--config FILE` holds the same
-settings under their field names and the flags override it.
+settings under their field names and the flags override it. `prepare` prints the dataset directory
+and nothing else on stdout (scripts read it; the progress goes to the log on stderr). Exit status:
+0 done, 1 the job ran but its result is not a usable dataset (nothing published; the summary
+says why), 2 a usage error (flag, setting, input or output folder).
 """
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from common.cli import SettingsFlags, usage_error
 from common.settings import SettingsError
 from etl import verify
 from etl.job import EtlError, prepare
+from etl.manifest import DatasetUnusable
 from etl.settings import EtlSettings
 
 FLAGS = SettingsFlags(EtlSettings)
+EXIT_JOB_FAILED = 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +48,11 @@ def run(args: argparse.Namespace) -> int:
         return verify.run(args)
     try:
         settings = settings_from_args(args)
-        manifest = prepare(settings, master=args.master)
+        prepare(settings, master=args.master)
+    except DatasetUnusable as failed:
+        print(f"{getattr(args, '_prog', 'bigticket etl prepare')}: failed: {failed}", file=sys.stderr)
+        return EXIT_JOB_FAILED
     except (SettingsError, EtlError, ValueError) as err:  # UsageError is a ValueError
         return usage_error(args, err)
-    for split, info in manifest["splits"].items():
-        print(f"{split}: {info['records']} written, {info['quarantined']} quarantined "
-              f"of {info['inputs']} inputs")
-    print(settings.out)
+    print(settings.out)  # the split counts are in the job's log
     return 0

@@ -25,6 +25,7 @@ import re
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from etl import lanczos
 from etl.records import Rejected
 
 # Formats we accept by content (the file name's extension is never trusted). Multi-picture JPEGs
@@ -45,6 +46,7 @@ _SIGNATURES = (
 
 # Resampling: Lanczos, with Pillow's `reduce()` first when the scale factor exceeds this gap;
 # 3.0 is indistinguishable from a full Lanczos pass and much faster on big non-JPEG inputs.
+# Below the gap (every JPEG after DCT scaling) etl.lanczos does the same filter by matrices.
 RESAMPLE = Image.Resampling.LANCZOS
 REDUCING_GAP = 3.0
 
@@ -246,6 +248,8 @@ def resize(decoded: Decoded, policy: ResizePolicy) -> Image.Image:
     box = tuple(v / decoded.scale for v in policy.source_box(width, height))
     if size == decoded.image.size and box == (0, 0, *decoded.image.size):
         return decoded.image
+    if lanczos.suits(decoded.image, size, box, REDUCING_GAP):
+        return lanczos.resize(decoded.image, size, box)
     return decoded.image.resize(size, RESAMPLE, box=box, reducing_gap=REDUCING_GAP)
 
 

@@ -14,7 +14,8 @@ Plan of the job (each step is what makes a guarantee of the dataset contract hol
    not run at all. A retried or speculative attempt rewrites identical bytes, so the last rename
    is harmless.
 4. The driver reads the committed sidecars (not accumulators), reconciles, writes quarantine.jsonl,
-   manifest.json and finally _SUCCESS.
+   refuses to publish a split without records or with too much quarantined (etl.manifest.check_yield:
+   the work stays for a re-run), then writes manifest.json and finally _SUCCESS.
 
 Two Spark jobs and three stages in all: Spark's cost is per task more than per record (a task costs
 tens of milliseconds of JVM and Python worker CPU), so the job keeps tasks few; see
@@ -40,9 +41,9 @@ from common.settings import identity_hash, settings_to_dict
 from common.spark import get_spark
 from etl import faults
 from etl.images import ImageLimits, ResizePolicy, process_image
-from etl.manifest import MANIFEST_SCHEMA_VERSION, load_manifest, validate_manifest
+from etl.manifest import MANIFEST_SCHEMA_VERSION, check_output_dir, check_yield, load_manifest, validate_manifest
 from etl.records import SPLITS, ClassInfo, ImageRow, InputRecord, QuarantineEntry, Rejected
-from etl.settings import EtlSettings
+from etl.settings import CHECK_ONLY_FIELDS, EtlSettings
 from etl.shard_writer import clean_stale_temps, write_shard
 from etl.sharding import order_key, shard_of
 from etl.sources.registry import make_source
@@ -68,7 +69,7 @@ class _ShardSlot:
 
 def dataset_hash(settings: EtlSettings) -> str:
     """Identity of the dataset a settings object produces; the output path is not part of it."""
-    return identity_hash(settings, neutral={"out": ""})
+    return identity_hash(settings, neutral={"out": ""}, omit=CHECK_ONLY_FIELDS)
 
 
 # ---------------------------------------------------------------------------- executor functions
@@ -324,6 +325,7 @@ def _enumerate_and_count(sc, source, units: list, slot_table: list[_ShardSlot], 
 
 def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dict:
     """Run (or finish, or skip) the ETL job; returns the dataset's manifest."""
+    check_output_dir(settings.out, settings.input)
     paths = DatasetPaths(settings.out)
     dataset_id = dataset_hash(settings)
     finished = _existing_dataset(paths, dataset_id)
@@ -371,6 +373,7 @@ def prepare(settings: EtlSettings, master: str | None = None, spark=None) -> dic
 
     manifest = _finish(paths, settings, dataset_id, source.describe(), classes,
                        [s for s in slot_table if s.split in splits], inputs)
+    check_yield(manifest, settings.max_quarantined_fraction, paths.root)  # before anything is published
     validate_manifest(manifest, paths.root)
     write_json(paths.manifest, manifest)
     paths.success.write_bytes(b"")

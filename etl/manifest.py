@@ -2,6 +2,9 @@
 
 `load_manifest` is what readers call: it refuses a directory without `_SUCCESS`, and a manifest
 that is missing, not JSON, or inconsistent, with a DatasetError naming the file and the problem.
+The ETL job asks this module two more questions about the directory: may it write there at all
+(`check_output_dir`), and is what it wrote a dataset worth publishing (`check_yield`: no split
+without records, not too much quarantined); `etl verify` asks the second one too.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from common.paths import DatasetPaths, shard_stem
-from etl.records import REASONS
+from etl.records import REASONS, SPLITS
 
 MANIFEST_SCHEMA_VERSION = 1  # of manifest.json and the dataset directory it describes
 FORMATS = ("tfrecord", "parquet")
@@ -34,6 +37,15 @@ _SHARD_FIELDS = {"index": int, "format": str, "file": str, "records": int, "byte
 
 class DatasetError(ValueError):
     """A dataset directory that readers must refuse; the message names the path and the problem."""
+
+
+class OutputDirError(ValueError):
+    """An --out the ETL job must not write into; the message names the flag and the folder."""
+
+
+class DatasetUnusable(RuntimeError):
+    """The ETL job ran, but what it wrote is not a usable dataset (a split without records, or more
+    quarantined than allowed), so it is not published; the message is a one-screen summary."""
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -222,6 +234,9 @@ def load_manifest(root: str | Path, require_success: bool = True) -> dict:
     job has not finished, and its shards may be incomplete.
     """
     paths = DatasetPaths(root)
+    if paths.root.is_file():
+        raise DatasetError(f"{paths.root}: is a file, not a dataset directory (the directory "
+                           f"`bigticket etl prepare --out` wrote)")
     if not paths.root.is_dir():
         raise DatasetError(f"{paths.root}: dataset directory does not exist")
     if require_success and not paths.success.is_file():
@@ -250,3 +265,147 @@ def shard_entries(manifest: dict, split: str, fmt: str) -> list[dict]:
         raise DatasetError(f"manifest has no {fmt!r} shards (formats {manifest['formats']})")
     return sorted((e for e in manifest["splits"][split]["shards"] if e["format"] == fmt),
                   key=lambda e: e["index"])
+
+
+# ------------------------------------------------------------------ where the job may write
+
+_SHARD_FILE_RE = re.compile(r"^part-\d{5}-of-\d{5}\.(tfrecord|parquet)$")
+
+
+def _foreign_entries(paths: DatasetPaths) -> list[str]:
+    """Entries of an output folder that no ETL job of ours leaves (hidden names are temporaries)."""
+    ours = {paths.success.name, paths.quarantine.name, paths.staging.name,
+            paths.source_cache("x").parent.name}
+    foreign = []
+    for entry in sorted(paths.root.iterdir()):
+        if entry.name.startswith(".") or entry.name in ours:
+            continue
+        if entry.is_dir() and entry.name in SPLITS:
+            foreign += [f"{entry.name}/{child.name}" for child in sorted(entry.iterdir())
+                        if not child.name.startswith(".") and not _SHARD_FILE_RE.match(child.name)]
+        else:
+            foreign.append(entry.name)
+    return foreign
+
+
+def check_output_dir(out: str | Path, input: str | Path | None) -> None:
+    """Refuse an --out equal to or inside --input, a file, or a non-empty folder that is neither a
+    dataset (manifest.json) nor what an unfinished job of ours leaves (_staging/, _source/, shard
+    files and temporaries), so that the job never writes into a source tree or someone's data."""
+    out_path = Path(out).expanduser().resolve()
+    if input is not None:
+        in_path = Path(input).expanduser().resolve()
+        if out_path == in_path or in_path in out_path.parents:
+            where = "is --input" if out_path == in_path else f"is inside --input {input}"
+            raise OutputDirError(f"--out {out}: {where}; the shards would be written into the "
+                                 f"source tree (and read back as inputs by the next prepare): "
+                                 f"choose a folder outside it")
+    if not out_path.exists():
+        return
+    if not out_path.is_dir():
+        raise OutputDirError(f"--out {out}: exists and is not a folder")
+    paths = DatasetPaths(out_path)
+    if paths.manifest.exists():
+        return  # a dataset: the job checks it is the same one before touching it
+    foreign = _foreign_entries(paths)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputDirError(f"--out {out}: a non-empty folder that is not a bigticket dataset (no "
+                             f"{paths.manifest.name}; {shown} not written by etl prepare): choose "
+                             f"a new or empty folder")
+
+
+# ------------------------------------------------------------ is the result worth publishing
+
+_TOP_REASONS = 5
+_DETAIL_CHARS = 160
+# What to look at when many inputs fail for one reason (the flags of `bigticket etl prepare`).
+REASON_HINTS = {
+    "download_error": "check the URLs and the network; hosts on loopback, private or link-local "
+                      "addresses are refused unless --allow-private-addresses",
+    "unexpected_name": "these entries do not fit the layout --source expects: check --input",
+    "no_label": "these inputs have no class: check --val-ground-truth and --synsets-file",
+    "too_large": "raise --max-image-bytes if these are genuine images",
+    "decompression_bomb": "raise --max-image-pixels if these are genuine images",
+    "unsafe_member": "the archive holds links, devices or paths leaving it: check its origin",
+}
+
+
+def empty_split_problems(manifest: dict) -> list[str]:
+    """Splits that had inputs but hold no record: nothing can train or evaluate on them."""
+    return [f"split {split} is empty: none of its {info['inputs']} input(s) was written"
+            for split, info in manifest["splits"].items() if info["records"] == 0]
+
+
+def yield_problems(manifest: dict, max_quarantined_fraction: float) -> list[str]:
+    """Why the splits of a finished job are not worth publishing (empty when they are)."""
+    problems = empty_split_problems(manifest)
+    for split, info in manifest["splits"].items():
+        if info["records"] and info["quarantined"] > max_quarantined_fraction * info["inputs"]:
+            problems.append(f"split {split}: {info['quarantined']} of {info['inputs']} inputs "
+                            f"quarantined ({info['quarantined'] / info['inputs']:.0%}), more than "
+                            f"--max-quarantined-fraction {max_quarantined_fraction:g}")
+    return problems
+
+
+def _first_of_each_reason(path: Path, reasons: set[str]) -> dict[str, dict]:
+    """One quarantine entry per reason, read until every reason has one."""
+    found: dict[str, dict] = {}
+    if not path.is_file():
+        return found
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("reason") in reasons - set(found):
+                found[entry["reason"]] = entry
+                if len(found) == len(reasons):
+                    break
+    return found
+
+
+def _describe(entry: dict) -> str:
+    return f"{entry.get('source')}: {entry.get('detail')}"
+
+
+def _shorten(text: str, limit: int = _DETAIL_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def yield_summary(manifest: dict, problems: list[str], root: str | Path) -> str:
+    """The failure screen: what is wrong, the top reasons with an example input each, what to do."""
+    paths = DatasetPaths(root)
+    splits = manifest["splits"]
+    lines = [f"{paths.root}: nothing published (no {paths.success.name}):"]
+    lines += [f"  {p}" for p in problems]
+    by_reason: dict[str, int] = {}
+    for info in splits.values():
+        for reason, n in info["quarantine_by_reason"].items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
+    top = sorted(by_reason.items(), key=lambda item: (-item[1], item[0]))[:_TOP_REASONS]
+    if top:
+        examples = _first_of_each_reason(paths.quarantine, {r for r, _ in top})
+        inputs = sum(info["inputs"] for info in splits.values())
+        lines.append(f"top quarantine reasons ({sum(by_reason.values())} of {inputs} inputs):")
+        width = max(len(r) for r, _ in top)
+        for reason, n in top:
+            entry = examples.get(reason)
+            example = f"  e.g. {_shorten(_describe(entry))}" if entry else ""
+            lines.append(f"  {n:>7}  {reason:<{width}}{example}")
+            if reason in REASON_HINTS:
+                lines.append(f"  {'':>7}  {'':<{width}}  -> {REASON_HINTS[reason]}")
+        lines.append(f"every rejected input, with its reason: {paths.quarantine}")
+    if all(info["records"] for info in splits.values()):
+        lines.append("to publish it anyway, re-run the same command with a higher "
+                     "--max-quarantined-fraction (the work done is kept, nothing is redone)")
+    lines.append(f"with other settings, delete {paths.root} or choose another --out first")
+    return "\n".join(lines)
+
+
+def check_yield(manifest: dict, max_quarantined_fraction: float, root: str | Path) -> None:
+    """Raise DatasetUnusable (with the summary) unless the job's splits are worth publishing."""
+    problems = yield_problems(manifest, max_quarantined_fraction)
+    if problems:
+        raise DatasetUnusable(yield_summary(manifest, problems, root))

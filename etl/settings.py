@@ -10,6 +10,9 @@ from etl.images import ResizePolicy
 
 SOURCES = ("imagenet-folder", "imagenet-tar", "cifar10", "cifar100", "urls", "digits")
 FORMATS = {"tfrecord": ("tfrecord",), "parquet": ("parquet",), "both": ("tfrecord", "parquet")}
+# Fields that only judge the job's result: left out of the dataset's identity (etl.job.dataset_hash),
+# so changing them keeps the directory's dataset and lets a failed job be accepted on a re-run.
+CHECK_ONLY_FIELDS = ("max_quarantined_fraction",)
 
 
 @settings_dataclass
@@ -22,7 +25,7 @@ class EtlSettings:
         default="fixed:64", description="fixed:N (squash), center:N (shorter side, centre crop) "
                                         "or shorter:N (keep aspect)")
     format: Literal[tuple(FORMATS)] = pydantic.Field(
-        default="both", description="shard formats written")
+        default="both", description="shard formats written; both = TFRecord and Parquet: about twice the disk of one")
     train_shards: Annotated[int, Flag("--shards")] = pydantic.Field(
         default=8, ge=1, le=100_000, description="train shards")
     validation_shards: int = pydantic.Field(
@@ -35,6 +38,10 @@ class EtlSettings:
                                           description="per-image byte cap")
     max_image_pixels: int = pydantic.Field(  # Pillow's own decompression-bomb limit
         default=178_956_970, ge=1, description="decompression-bomb pixel limit")
+    max_quarantined_fraction: float = pydantic.Field(
+        default=0.5, ge=0, le=1,
+        description="fail the job, publishing nothing, when a split quarantines more than this "
+                    "fraction of its inputs (a split with no record always fails)")
     # Source options (ignored by sources that do not use them).
     synsets_file: Optional[str] = pydantic.Field(
         default=None, description="class order: one synset per line")

@@ -4,7 +4,8 @@ Per shard (a pure function, `verify_shard`, run as one Spark task each): the fil
 and sha256 match, every TFRecord CRC holds / the Parquet footer and page checksums read, the record
 count matches, labels are in range, the synset matches the label's class, and every image decodes
 to its recorded height and width with 3 channels. Per dataset: `_SUCCESS`, the manifest's own
-consistency, quarantine.jsonl against the manifest's quarantine counts, and no unlisted shard files.
+consistency, no split without records, quarantine.jsonl against the manifest's quarantine counts,
+and no unlisted shard files.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from PIL import Image
 
 from common.paths import DatasetPaths
 from common.spark import get_spark
-from etl.manifest import DatasetError, manifest_problems, read_manifest_json
+from etl.manifest import DatasetError, empty_split_problems, manifest_problems, read_manifest_json
 from etl.parquet_io import COLUMNS, ParquetShardError, iter_parquet, open_parquet
 from etl.shard_writer import is_shard_temp
 from etl.tfrecord import CorruptRecordError, ProtoDecodeError, decode_example, iter_records
@@ -352,6 +353,11 @@ def verify_dataset(root: str | Path, master: str | None = None, spark=None) -> V
     if not sound:
         return report
 
+    # A split without records passes every other check, and fails only at training time.
+    report.problems += [f"{paths.manifest.name}: {p}" for p in empty_split_problems(manifest)]
+    if "train" not in manifest["splits"]:
+        report.warnings.append(f"{paths.manifest.name}: no train split (only evaluation can "
+                               f"use this dataset)")
     _check_quarantine(paths, manifest, report.problems)
     _unlisted_files(paths, manifest, report)
     entries = [e for info in manifest["splits"].values() for e in info["shards"]]

@@ -17,6 +17,7 @@ from common.atomic import read_json
 from common.cli import SettingsFlags, remember_prog, usage_error
 from common.cluster import process_place
 from common.logs import setup_logging
+from common.native_logs import quiet_tensorflow
 from common.settings import SettingsError
 from lottery.grid.claims import DEFAULT_HEARTBEAT, DEFAULT_STALE_AFTER
 from lottery.grid.coordinator import DEFAULT_SILENCE_TIMEOUT, MPI_HEARTBEAT
@@ -149,4 +150,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     place = process_place()
     setup_logging(rank=place.rank if place.size > 1 else None)
+    quiet_tensorflow()  # before `run` pins the GPU and imports TensorFlow
     return run(args)

@@ -11,6 +11,9 @@ Modules:
   engines              the engine interface, make_engine and the elephas engine's driver side
   local_engine         local and multiworker (tf.distribute)
   elephas_engine       Spark data-parallel rounds (driver); spark_worker: their executor side
+  state_reduce         the rounds' record-weighted average, reduced on the executors in a tree
+  driver_memory        the driver-memory check before round 0; a round's driver measurements
+  faults               test-only: kill a Python worker mid-round (BIGTICKET_TEST_TRAIN_FAULT)
   data, models         open_dataset, make_dataset; MODELS, build_model
   schedules            the learning rate over training time
   keras_internals      the only code touching private Keras/TensorFlow parts

@@ -42,6 +42,7 @@ class ShardFile:
     path: Path
     records: int
     bytes: int
+    sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +98,10 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
     """Open a finished dataset directory; DatasetError (a ValueError) names the file at fault.
 
     Refuses a directory without `_SUCCESS` or whose manifest does not validate (etl.manifest),
-    and checks that every listed shard file exists with the recorded size (sha256 is checked by
-    `bigticket etl verify`: hashing ImageNet's shards on every training start costs minutes).
+    and checks that every listed shard file exists with the recorded size. Contents (sha256,
+    CRCs, images) are checked by `bigticket etl verify`: hashing ImageNet's shards on every
+    training start costs minutes. A shard damaged in place is found when training reads it
+    (`train.damaged_shards`).
     """
     root = Path(path)
     manifest = load_manifest(root)
@@ -117,7 +120,7 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
                 if size != entry["bytes"]:
                     raise DatasetError(f"{file}: {size} bytes on disk but the manifest records "
                                        f"{entry['bytes']} (truncated or replaced shard)")
-                files.append(ShardFile(file, entry["records"], entry["bytes"]))
+                files.append(ShardFile(file, entry["records"], entry["bytes"], entry["sha256"]))
             shards[split][fmt] = tuple(files)
     classes = tuple(sorted(manifest["classes"], key=lambda c: c["index"]))
     return DatasetInfo(

@@ -4,7 +4,7 @@ Public API (stable; `train/engines.py` and `bench/train_throughput.py` call it):
 
     engine = SparkDataParallel(spark, model_factory, optimizer_factory, compile_kwargs,
                                dataset_factory, workers, averaging_steps=None, gpus_per_task=0,
-                               *, shards=None, model_key=None)
+                               *, shards=None, model_key=None, max_fan_in=8)
     weights, optimizer_state = engine.initial_state()        # or take them from a checkpoint
     result = engine.run_round(weights, optimizer_state, lr=0.1, steps=None, round_index=epoch,
                               seed=run_seed, start_step=None)
@@ -35,20 +35,32 @@ Public API (stable; `train/engines.py` and `bench/train_throughput.py` call it):
   `base - sum_i (n_i / N) * (base - w_i)`, n_i = records worker i trained on; integer arrays
   (optimizer iterations) advance by the largest worker advance, i.e. the round's number of
   synchronous global steps, so step-based schedules continue as in single-process training.
+  It is reduced on the executors in a fixed tree of fan-in <= `max_fan_in`
+  (`train.state_reduce`, which states the arithmetic and its tolerance against the driver-side
+  `average_states`): the driver receives one state per round, whatever the number of workers.
+  `reference_round` (tests and bench/elephas_scaling.py only) is the former way: every worker's
+  state collected and averaged on the driver.
+- Before round 0 (`check_driver_memory`, `train.driver_memory`): a state that cannot fit the
+  driver's heap or spark.driver.maxResultSize raises DriverMemoryError naming the setting.
 - `metrics`: record-weighted means of the compiled metrics ("loss", ...), "records", "steps",
   "round_s" (driver wall time), "train_s" (slowest worker's time inside training steps),
-  "fixed_cost_s" = round_s - train_s (scheduling, broadcast, set-up, collect, averaging),
-  "averaging_s", "driver_s" (before the Spark job), "spark_s" (the job, collect included),
+  "fixed_cost_s" = round_s - train_s (scheduling, broadcast, set-up, averaging, collect),
+  "averaging_s" (the driver's share after the job), "merge_s" (the executors' merging along the
+  slowest path of the tree), "reduce_levels", "reduce_fan_in", "driver_s" (before the Spark job),
+  "spark_s" (the job: training, tree, collect), "driver_bytes_received" (array bytes plus the
+  pickled reports collected), "driver_peak_bytes" (the most the driver's Python side held at once
+  during the round beyond what it held before, by tracemalloc: Python objects and NumPy buffers),
   "model_builds" (models built this round), and "workers": one report per worker (pid, builds of
   this model in that Python worker, built_now, setup_s, train_s, skipped_steps, gpu_assigned,
   gpu_visible, and "phases": model_s, load_state_s, data_s, first_batch_s).
   `engine.round_history` keeps the latest rounds' metrics.
 
 What we take from elephas 7.3 and what we changed (stock `SparkModel`/`SparkWorker`, synchronous):
-- kept: the synchronous scheme (broadcast parameters, `mapPartitions` one task per worker,
-  `collect`, average the deltas `before - after` on the driver with `elephas.utils.subtract_params`),
-  and `elephas.utils.serialization.weights_to_bytes/bytes_to_weights` for the arrays that travel
-  (self-describing, dtype-preserving, no pickle).
+- kept: the synchronous scheme (broadcast parameters, `mapPartitions` one task per worker, then
+  average), and `elephas.utils.serialization.weights_to_bytes/bytes_to_weights` for the broadcast
+  (self-describing, dtype-preserving, no pickle). Worker states travel as NumPy arrays in Spark's
+  own pickles, through the averaging tree; stock elephas `collect`s every worker's weights and
+  averages on the driver (`subtract_params`), O(workers) states through the driver per round.
 - the RDD holds `(worker_index, shard_files)`, one per partition; workers stream their shards
   through tf.data instead of `np.asarray` over a whole partition of records.
 - the driver owns the loop: one Spark job per round; learning rate, evaluation, history,
@@ -84,15 +96,18 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from train import driver_memory
+from train.driver_memory import DriverMemoryError, DriverPeak, received_bytes
 from train.keras_internals import raw_learning_rate
 from train.spark_worker import RoundConfig, WorkerSpec, build_compiled, restore_shapes, round_seed, run_task
+from train.state_reduce import MAX_FAN_IN, reduce_on_executors, tree_shape
 
 log = logging.getLogger(__name__)
 
 DISCOVERY_SCRIPT = Path(__file__).with_name("gpu_discovery.sh")
 
 __all__ = ["SparkDataParallel", "RoundResult", "average_states", "round_seed", "gpu_spark_conf",
-           "DISCOVERY_SCRIPT"]
+           "DISCOVERY_SCRIPT", "DriverMemoryError"]
 
 
 @dataclasses.dataclass
@@ -119,6 +134,7 @@ def average_states(base: Sequence[np.ndarray], states: Sequence[Sequence[np.ndar
                    records: Sequence[int]) -> list[np.ndarray]:
     """Merge worker states that all started from `base`, weighting each delta by its records.
 
+    The driver-side reference for `train.state_reduce` (rounds reduce on the executors).
     Floats: base minus the record-weighted mean delta (float64 accumulation). Integers (step
     counters): base plus the largest advance, since workers step in parallel.
     """
@@ -178,13 +194,16 @@ class SparkDataParallel:
                  compile_kwargs: dict | None, dataset_factory: Callable[..., Any], workers: int,
                  averaging_steps: int | None = None, gpus_per_task: int = 0, *,
                  shards: Sequence[str] | Sequence[Sequence[str]] | None = None,
-                 model_key: str | None = None):
+                 model_key: str | None = None, max_fan_in: int = MAX_FAN_IN):
         from pyspark import cloudpickle
 
         self.sc = getattr(spark, "sparkContext", spark)
         self.workers = _int_arg("workers", workers, 1)
         self.averaging_steps = _int_arg("averaging_steps", averaging_steps, 1, allow_none=True)
         self.gpus_per_task = _int_arg("gpus_per_task", gpus_per_task, 0)
+        self.max_fan_in = _int_arg("max_fan_in", max_fan_in, 2)
+        self.reduce_fan_in, self.reduce_levels = tree_shape(self.workers, self.max_fan_in)
+        self.driver_plan: dict | None = None   # check_driver_memory's figures, once checked
         compile_kwargs = dict(compile_kwargs or {})
         if "optimizer" in compile_kwargs:
             raise ValueError("compile_kwargs: pass the optimizer through optimizer_factory")
@@ -231,13 +250,16 @@ class SparkDataParallel:
             self._fresh_optimizer_state = self.initial_state()[1]
         return self._fresh_optimizer_state
 
-    def run_round(self, weights: Sequence[np.ndarray], optimizer_state: Sequence[np.ndarray] | None,
-                  *, lr: float | None, steps: int | None, round_index: int, seed: int,
-                  start_step: int | None = None) -> RoundResult:
-        """One synchronous round: broadcast, train on every worker, average; see module docstring."""
-        from elephas.utils.serialization import bytes_to_weights, weights_to_bytes
+    def check_driver_memory(self, state_bytes: int) -> dict:
+        """Before round 0: DriverMemoryError if a round of `state_bytes` of weights + optimizer
+        state cannot fit the driver (train.driver_memory); a warning if it may not."""
+        self.driver_plan = driver_memory.check(self.sc, state_bytes, self.workers)
+        return self.driver_plan
 
-        t_round = time.perf_counter()
+    def _launch(self, weights, optimizer_state, lr, steps, round_index, seed, start_step):
+        """Checked arguments, then the round's broadcast and its RDD of (worker_index, leaf)."""
+        from elephas.utils.serialization import weights_to_bytes
+
         steps = _int_arg("steps", steps, 1, allow_none=True)
         round_index = _int_arg("round_index", round_index, 0)
         seed = _int_arg("seed", seed, 0)
@@ -258,57 +280,111 @@ class SparkDataParallel:
         weights = [np.asarray(w) for w in weights]
         opt_state = [np.asarray(v) for v in optimizer_state] if optimizer_state else self._fresh_optimizer()
         base = weights + list(opt_state)
+        if self.driver_plan is None:
+            self.check_driver_memory(sum(b.nbytes for b in base))
         cfg = RoundConfig(model_key=self.model_key, data_key=self._data_key, lr=lr, steps=steps,
                           start_step=start, round_index=round_index, seed=data_seed, run_seed=seed,
                           n_weights=len(weights), gpus_per_task=self.gpus_per_task)
+        # The serialised state is not kept on the driver once the broadcast has it.
         state_bc = self.sc.broadcast(weights_to_bytes(base))
-        t_job = time.perf_counter()
-        try:
-            self.sc.setJobDescription(f"elephas round {round_index} ({self.workers} workers)")
-            reports = self._rdd.mapPartitions(functools.partial(
-                run_task, self._spec_key, self._spec_broadcast, cfg, state_bc)).collect()
-        finally:
-            state_bc.destroy()
-        spark_s = time.perf_counter() - t_job
-        reports.sort(key=lambda r: r["worker_index"])
-        if [r["worker_index"] for r in reports] != list(range(self.workers)):
-            raise RuntimeError(f"round {round_index}: got reports from workers "
-                               f"{[r['worker_index'] for r in reports]}, expected {self.workers}")
+        self.sc.setJobDescription(f"elephas round {round_index} ({self.workers} workers)")
+        leaves = self._rdd.mapPartitions(functools.partial(
+            run_task, self._spec_key, self._spec_broadcast, cfg, state_bc))
+        return base, len(weights), state_bc, leaves
 
-        t_avg = time.perf_counter()
-        records = [r["records"] for r in reports]
-        shapes = [b.shape for b in base]
-        states = [restore_shapes(bytes_to_weights(r.pop("state")), shapes, f"worker {r['worker_index']}")
-                  for r in reports]
-        merged = average_states(base, states, records)
-        averaging_s = time.perf_counter() - t_avg
+    def run_round(self, weights: Sequence[np.ndarray], optimizer_state: Sequence[np.ndarray] | None,
+                  *, lr: float | None, steps: int | None, round_index: int, seed: int,
+                  start_step: int | None = None) -> RoundResult:
+        """One synchronous round: broadcast, train on every worker, average on the executors."""
+        t_round = time.perf_counter()
+        with DriverPeak() as peak:
+            base, n_weights, state_bc, leaves = self._launch(weights, optimizer_state, lr, steps,
+                                                             round_index, seed, start_step)
+            t_job = time.perf_counter()
+            try:
+                results = reduce_on_executors(leaves, self.workers, self.max_fan_in).collect()
+            finally:
+                state_bc.destroy()
+            t_avg = time.perf_counter()
+            if len(results) != 1:
+                raise RuntimeError(f"round {round_index}: the averaging tree returned "
+                                   f"{len(results)} results, expected 1")
+            result = results[0]
+            reports = result["reports"]
+            self._check_reports(reports, round_index)
+            if result["arrays"] is None:
+                raise ValueError("no worker trained on any record: are the shards empty?")
+            merged = restore_shapes(result["arrays"], [b.shape for b in base], "averaged state")
+            received = received_bytes(merged, reports)
+        return self._result(round_index, merged, n_weights, reports, {
+            "driver_s": t_job - t_round, "spark_s": t_avg - t_job,
+            "averaging_s": time.perf_counter() - t_avg, "merge_s": result["merge_s"],
+            "reduce_levels": len(self.reduce_levels), "reduce_fan_in": self.reduce_fan_in,
+            "driver_bytes_received": received, "driver_peak_bytes": peak.bytes}, t_round)
 
-        total = int(sum(records))
+    def reference_round(self, weights: Sequence[np.ndarray],
+                        optimizer_state: Sequence[np.ndarray] | None, *, lr: float | None,
+                        steps: int | None, round_index: int, seed: int,
+                        start_step: int | None = None) -> tuple[RoundResult, list, list[int]]:
+        """Reference only (tests, bench/elephas_scaling.py): the same round with every worker's
+        state collected and averaged on the driver (`average_states`), O(workers) states through
+        the driver. Returns (result, the workers' states, their records)."""
+        t_round = time.perf_counter()
+        with DriverPeak() as peak:
+            base, n_weights, state_bc, leaves = self._launch(weights, optimizer_state, lr, steps,
+                                                             round_index, seed, start_step)
+            t_job = time.perf_counter()
+            try:
+                collected = leaves.collect()
+            finally:
+                state_bc.destroy()
+            t_avg = time.perf_counter()
+            collected.sort(key=lambda item: item[0])
+            reports = [p.reports[0] for _, p in collected]
+            self._check_reports(reports, round_index)
+            states = [restore_shapes(p.arrays, [b.shape for b in base], f"worker {i}")
+                      for i, p in collected]
+            records = [p.records for _, p in collected]
+            merged = average_states(base, states, records)
+            received = sum(received_bytes(s, r) for s, r in zip(states, reports))
+        result = self._result(round_index, merged, n_weights, reports, {
+            "driver_s": t_job - t_round, "spark_s": t_avg - t_job,
+            "averaging_s": time.perf_counter() - t_avg, "merge_s": 0.0, "reduce_levels": 0,
+            "reduce_fan_in": self.workers, "driver_bytes_received": received,
+            "driver_peak_bytes": peak.bytes}, t_round)
+        return result, states, records
+
+    def _check_reports(self, reports: list[dict], round_index: int) -> None:
+        got = [r["worker_index"] for r in reports]
+        if got != list(range(self.workers)):
+            raise RuntimeError(f"round {round_index}: got reports from workers {got}, "
+                               f"expected {self.workers}")
+
+    def _result(self, round_index: int, merged: list, n_weights: int, reports: list[dict],
+                timings: dict[str, Any], t_round: float) -> RoundResult:
+        total = int(sum(r["records"] for r in reports))
         metrics: dict[str, Any] = {}
         for name in sorted({k for r in reports for k in r["metrics"]}):
             metrics[name] = sum(r["metrics"].get(name, 0.0) * r["records"] for r in reports) / total
         round_s = time.perf_counter() - t_round
         train_s = max(r["train_s"] for r in reports)
+        metrics.update(timings)
         metrics.update({
-            # driver_s: serialising and broadcasting before the job; spark_s: the job itself
-            # (scheduling, tasks, collect), of which the slowest worker spent train_s in steps.
-            "driver_s": t_job - t_round,
-            "spark_s": spark_s,
             "records": total,
             "steps": max(r["steps"] for r in reports),
             "round_s": round_s,
             "train_s": train_s,
             "fixed_cost_s": max(round_s - train_s, 0.0),
-            "averaging_s": averaging_s,
             "model_builds": sum(bool(r["built_now"]) for r in reports),
             "workers": reports,
         })
         self.round_history.append({k: v for k, v in metrics.items()})
         del self.round_history[:-self.MAX_HISTORY]
-        log.info("round %d: %d records, %d steps, loss %.4g, %.2fs (fixed cost %.2fs)", round_index,
-                 total, metrics["steps"], metrics.get("loss", float("nan")), round_s,
-                 metrics["fixed_cost_s"])
-        return RoundResult(merged[:len(weights)], merged[len(weights):], metrics, total)
+        log.info("round %d: %d records, %d steps, loss %.4g, %.2fs (fixed cost %.2fs); driver "
+                 "received %.1f MiB, peak %.1f MiB", round_index, total, metrics["steps"],
+                 metrics.get("loss", float("nan")), round_s, metrics["fixed_cost_s"],
+                 timings["driver_bytes_received"] / 2**20, timings["driver_peak_bytes"] / 2**20)
+        return RoundResult(merged[:n_weights], merged[n_weights:], metrics, total)
 
     def close(self) -> None:
         """Release the engine's broadcast (workers' cached models stay until evicted)."""

@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from common.spark import get_spark
 from train.data import DatasetInfo, make_dataset
-from train.elephas_engine import SparkDataParallel
+from train.elephas_engine import DriverMemoryError, SparkDataParallel
 from train.local_engine import LocalEngine, compile_kwargs, evaluate_model, model_builder, optimizer_builder
 from train.settings import DenseSettings
 from train.spark_worker import StateIO
@@ -91,11 +91,13 @@ class ElephasEngine:
             return make_dataset(info, "train", worker_index=worker_index,
                                 num_workers=num_workers, seed=seed, **kwargs)
 
-        model_factory, optimizer_factory = model_builder(s, info.num_classes), optimizer_builder(s)
         # GPUs per task as Spark schedules them (spark.task.resource.gpu.amount, e.g. from
         # spark-submit --conf); 0 on CPU-only clusters, where tasks leave devices alone.
         amount = spark.sparkContext.getConf().get("spark.task.resource.gpu.amount", "0")
         gpus_per_task = max(0, math.ceil(float(amount)))  # a shared GPU (0.25) still needs pinning
+        # The tasks' devices set the precision, for the driver's copy too (same variables).
+        model_factory = model_builder(s, info.num_classes, devices=["GPU"] if gpus_per_task else ["CPU"])
+        optimizer_factory = optimizer_builder(s)
         self.dp = SparkDataParallel(spark, model_factory, optimizer_factory, compile_kwargs(),
                                     dataset_factory, s.workers, averaging_steps=self.averaging,
                                     gpus_per_task=gpus_per_task, shards=files if by_file else None)
@@ -103,6 +105,15 @@ class ElephasEngine:
         self.model.compile(optimizer=optimizer_factory(), **compile_kwargs())
         self.model.optimizer.build(self.model.trainable_variables)
         self._io = None   # StateIO of self.model, made on the first round
+        # Refused here (DriverMemoryError), before the run directory or any round, when a
+        # round's state cannot fit the driver's Spark settings.
+        state_bytes = sum(int(v.numpy().nbytes) for v in
+                          list(self.model.weights) + list(self.model.optimizer.variables))
+        try:
+            self.dp.check_driver_memory(state_bytes)
+        except DriverMemoryError:
+            self.dp.close()
+            raise
         log.info("engine elephas: %d workers, %s shards, %d steps per epoch, averaging %s",
                  s.workers, "by file" if by_file else "by record", self.steps_per_epoch,
                  s.averaging)

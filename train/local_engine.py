@@ -17,6 +17,7 @@ import os
 import time
 from typing import Callable, Sequence
 
+from common.cluster import pin_local_gpu, process_place, tf_config_place
 from train.data import DatasetInfo, make_dataset
 from train.models import build_model
 from train.settings import DenseSettings
@@ -24,27 +25,75 @@ from train.settings import DenseSettings
 log = logging.getLogger(__name__)
 
 
-def configure_tensorflow(settings: DenseSettings) -> None:
-    """Process-wide TensorFlow/Keras set-up; call before any model or strategy is built."""
+def bind_devices(engine: str | None) -> str | None:
+    """Give this process the devices its role trains on; call before TensorFlow starts.
+
+    `multiworker`: each worker keeps its share of its node's GPUs (`local_gpus`): one per worker
+    when there are as many workers as GPUs, all of them for a worker alone on its node. SLURM's
+    --gpus-per-task has already bound each task to its own GPU, which this keeps. Other engines
+    bind nothing here (`local` mirrors over every visible GPU; an elephas task pins its own in
+    train.spark_worker; the elephas driver hides them in configure_tensorflow). Returns the
+    CUDA_VISIBLE_DEVICES set, or None.
+    """
+    if engine != "multiworker":
+        return None
+    place = tf_config_place() or process_place()
+    device = pin_local_gpu(place, share=True)
+    log.info("multiworker worker %d/%d, local %d/%d: GPU %s", place.rank, place.size,
+             place.local_rank, place.local_size, device if device is not None else "none (CPU)")
+    return device
+
+
+def configure_tensorflow(settings: DenseSettings, *, trains: bool = True) -> None:
+    """Process-wide TensorFlow/Keras set-up; call before any model or strategy is built.
+
+    trains=False: this process only holds, averages and evaluates the model (the elephas
+    driver): its TensorFlow sees no GPU, since TensorFlow maps nearly all the memory of every
+    visible GPU and the driver shares its node with training tasks.
+    """
     import tensorflow as tf
 
+    if not trains:
+        try:
+            tf.config.set_visible_devices([], "GPU")
+        except RuntimeError as err:  # TensorFlow already started in this process
+            if tf.config.get_visible_devices("GPU"):
+                log.warning("this driver's TensorFlow keeps its GPUs (%s): training tasks on this "
+                            "node have less GPU memory", err)
     if settings.deterministic:
         # Same seed -> same weights, which resumed runs and engine comparisons rely on.
         tf.config.experimental.enable_op_determinism()
-    _set_precision(settings.mixed_precision)
+    policy = _set_precision(settings.mixed_precision)
+    if settings.mixed_precision and trains:
+        log.info("mixed precision: %s", policy)
 
 
-def _set_precision(mixed: bool) -> None:
-    """mixed_float16 when asked for and a GPU is visible; float32 otherwise (CPUs gain nothing)."""
-    import keras
+def device_types() -> list[str]:
+    """The kinds of device this process's TensorFlow trains on ("CPU", "GPU")."""
     import tensorflow as tf
 
-    if mixed and tf.config.list_physical_devices("GPU"):
-        keras.mixed_precision.set_global_policy("mixed_float16")
-    else:
-        if mixed:
-            log.info("mixed_precision: no GPU visible, training in float32")
-        keras.mixed_precision.set_global_policy("float32")
+    return sorted({d.device_type for d in tf.config.get_visible_devices()})
+
+
+def precision_policy(mixed: bool, devices: Sequence[str]) -> str:
+    """The Keras dtype policy for training on `devices` (device types, or names such as
+    "/physical_device:GPU:0"). mixed=True: float16 compute on GPUs (tensor cores; Keras adds loss
+    scaling), bfloat16 on CPUs (float32's range, so no loss scaling; fast where the CPU has
+    AVX512-BF16 or AMX). Variables stay float32 either way."""
+    if not mixed:
+        return "float32"
+    if any("GPU" in str(d).upper() for d in devices):
+        return "mixed_float16"
+    return "mixed_bfloat16"
+
+
+def _set_precision(mixed: bool, devices: Sequence[str] | None = None) -> str:
+    """Set Keras' global policy for training on `devices` (default: this process's)."""
+    import keras
+
+    policy = precision_policy(mixed, device_types() if devices is None else devices)
+    keras.mixed_precision.set_global_policy(policy)
+    return policy
 
 
 def optimizer_builder(settings: DenseSettings) -> Callable:
@@ -78,16 +127,24 @@ def set_learning_rate(model, lr: float) -> None:
     inner.learning_rate.assign(lr)
 
 
-def model_builder(settings: DenseSettings, num_classes: int) -> Callable:
+def model_builder(settings: DenseSettings, num_classes: int,
+                  devices: Sequence[str] | None = None) -> Callable:
     """A zero-argument, picklable-by-cloudpickle factory of the run's uncompiled model, seeded
-    so that every engine (and every Spark worker) starts from the same initial weights."""
+    so that every engine (and every Spark worker) starts from the same initial weights.
+
+    `devices`: the device types the model trains on, which set its precision; default: those of
+    the process that builds it. The elephas engine names its tasks' devices, so that its driver
+    (which sees no GPU) builds the same variables as the tasks: under float16 Keras wraps the
+    optimizer in a LossScaleOptimizer, which has more state than the bare optimizer.
+    """
     name, options, size, seed = settings.model, dict(settings.model_options), settings.input_size, settings.seed
     mixed, bn_l1 = settings.mixed_precision, settings.bn_l1
+    devices = None if devices is None else list(devices)
 
     def factory():
         import keras
 
-        _set_precision(mixed)  # also on Spark executors, which never ran configure_tensorflow
+        _set_precision(mixed, devices)  # also on Spark executors, which never ran configure_tensorflow
         keras.utils.set_random_seed(seed)
         return build_model(name, num_classes, size, bn_l1=bn_l1, **options)
 

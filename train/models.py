@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from common.settings import did_you_mean
+
 MIN_MOBILENET_INPUT = 32
 
 
@@ -41,7 +43,8 @@ def _classifier(x, num_classes: int):
 def _check_options(name: str, options: dict, allowed: set[str]) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"model_options: {unknown} not accepted by model {name!r} "
+        hint = did_you_mean(unknown[0], allowed) if len(unknown) == 1 else ""
+        raise ValueError(f"model_options: {unknown} not accepted by model {name!r}{hint} "
                          f"(accepted: {sorted(allowed) or 'none'})")
 
 
@@ -202,7 +205,8 @@ def add_bn_l1(model, strength: float) -> int:
 
 def check_model_name(name: str) -> None:
     if name not in MODELS:
-        raise ValueError(f"model: unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+        raise ValueError(f"model: unknown model {name!r}{did_you_mean(name, MODELS)} "
+                         f"(known models: {', '.join(sorted(MODELS))})")
 
 
 def check_model_options(name: str, options: dict) -> None:

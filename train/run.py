@@ -11,26 +11,33 @@ checkpoints/ (`train.checkpoints`), tensorboard/, early_bird.json and early_bird
 
 Resume: a re-run loads the last complete epoch k (`train.run_files.ResumeState`) and continues
 with epoch k+1; hooks rebuild their own state from their files. Since the data order and
-augmentation derive from (seed, epoch), the final weights equal an uninterrupted run's.
+augmentation derive from (seed, epoch), the final weights equal an uninterrupted run's. Files are
+written inside `train.interrupts.shielded` blocks, so a SIGTERM stops the run between writes.
+
+A shard damaged after the ETL job (same size, other bytes) fails the epoch that reads it with
+`train.damaged_shards.CorruptShardError` naming the shard, instead of TensorFlow's read error.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from tqdm import tqdm
 
 from common.paths import DenseRunPaths
 from common.settings import identity_hash
 from train.checkpoints import rewind_steps, save_checkpoint
-from train.data import DatasetInfo, open_dataset
+from train.damaged_shards import raise_if_damaged
+from train.data import DatasetError, DatasetInfo, open_dataset
 from train.early_bird import EarlyBirdTracker
 from train.engines import Engine, make_engine, steps_per_epoch
 from train.hooks import EarlyStopping, EpochHook, LoopState, RewindCheckpoints, TensorBoardScalars
-from train.local_engine import configure_tensorflow
+from train.interrupts import reclaim_signals, shielded
+from train.local_engine import bind_devices, configure_tensorflow
 from train.run_files import ResumeState, read_history, save_model_atomic, settings_record, write_history, write_settings
 from train.schedules import lr_at
 from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSettings
@@ -94,7 +101,10 @@ class PreparedRun:
 def prepare_run(settings: DenseSettings) -> PreparedRun:
     """Every check that needs no training: dataset, settings against it, rewind points against
     the steps per epoch; names the run directory. ValueError names the setting or file."""
-    info = open_dataset(settings.data)
+    try:
+        info = open_dataset(settings.data)
+    except DatasetError as err:
+        raise DatasetError(f"data: {err}") from None
     settings = resolve_settings(settings, info)
     spe = steps_per_epoch(settings, info)
     rewinds = check_rewinds(settings, spe) if spe is not None else {}
@@ -119,8 +129,10 @@ def train_dense(settings: DenseSettings, *, spark=None,
     if run.success.is_file():
         log.info("run %s is complete; not retraining", run.root)
         return run
-    configure_tensorflow(prepared.settings)
+    bind_devices(prepared.settings.engine)  # before TensorFlow starts
+    configure_tensorflow(prepared.settings, trains=prepared.settings.engine != "elephas")
     engine = make_engine(prepared.settings, prepared.info, spark=spark)
+    reclaim_signals()  # a SparkContext just started takes SIGINT for itself
     try:
         _drive(prepared.settings, prepared.info, run, engine, extra_hooks=hooks)
     finally:
@@ -153,63 +165,82 @@ def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
     rewinds = check_rewinds(settings, engine.steps_per_epoch)  # multiworker: known only now
     state = _start(settings, info, run, engine, rewinds)
     hooks = epoch_hooks(settings, run, engine.model, state.chief, rewinds) + list(extra_hooks)
-    stopped = any([hook.on_train_begin(state) for hook in hooks])  # every hook, no short cut
+    with shielded():
+        stopped = any([hook.on_train_begin(state) for hook in hooks])  # every hook, no short cut
     if not stopped:
-        _train_epochs(engine, hooks, state)
-    for hook in hooks:
-        hook.on_train_end(state)
-    if state.chief:
-        _finish(state)
+        _train_epochs(engine, hooks, state, info)
+    with shielded():
+        for hook in hooks:
+            hook.on_train_end(state)
+        if state.chief:
+            _finish(state)
 
 
 def _start(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engine: Engine,
            rewinds: dict[str, int]) -> LoopState:
     """settings.json written (or checked), then the last complete epoch loaded or "init" saved."""
     chief, model = engine.is_chief, engine.model
-    if chief:
-        run.root.mkdir(parents=True, exist_ok=True)
-        write_settings(run, settings_record(settings, info, engine.steps_per_epoch, rewinds))
-    epochs_done, weights = ResumeState(run).load()
-    history = read_history(run)[:epochs_done]
-    if weights is not None:
-        model.load_weights(str(weights))  # weights and optimizer state (momentum, iterations)
-        log.info("resuming %s after epoch %d", run.root, epochs_done)
-    elif chief:
-        save_checkpoint(model, run, "init")
+    with shielded():
+        if chief:
+            run.root.mkdir(parents=True, exist_ok=True)
+            write_settings(run, settings_record(settings, info, engine.steps_per_epoch, rewinds))
+        epochs_done, weights = ResumeState(run).load()
+        history = read_history(run)[:epochs_done]
+        if weights is not None:
+            model.load_weights(str(weights))  # weights and optimizer state (momentum, iterations)
+            log.info("resuming %s after epoch %d", run.root, epochs_done)
+        elif chief:
+            save_checkpoint(model, run, "init")
     return LoopState(settings, run, model, chief, engine.steps_per_epoch, epochs_done, history)
 
 
-def _train_epochs(engine: Engine, hooks: list[EpochHook], state: LoopState) -> None:
+@contextlib.contextmanager
+def _reading(info: DatasetInfo, settings: DenseSettings, split: str) -> Iterator[None]:
+    """A read error from a shard damaged since the ETL job becomes CorruptShardError naming it."""
+    try:
+        yield
+    except Exception as err:
+        raise_if_damaged(info, split, settings.format, err)
+        raise
+
+
+def _train_epochs(engine: Engine, hooks: list[EpochHook], state: LoopState,
+                  info: DatasetInfo) -> None:
     """Epochs from the first incomplete one until the last, or until a hook asks to stop."""
     settings, spe = state.settings, state.steps_per_epoch
     resume = ResumeState(state.run)
 
     def at_stop(step: int) -> None:
-        for hook in hooks:
-            if step in hook.pause_steps:
-                hook.on_step(step, state)
+        with shielded():
+            for hook in hooks:
+                if step in hook.pause_steps:
+                    hook.on_step(step, state)
 
-    for epoch in tqdm(range(state.epochs_done, settings.epochs), initial=state.epochs_done,
-                      total=settings.epochs, desc=f"dense {state.run.root.name}", unit="epoch",
-                      disable=not state.chief):
-        lr = lr_at(settings, epoch)
-        stops = sorted({s for hook in hooks for s in hook.pause_steps
-                        if epoch * spe < s <= (epoch + 1) * spe})
-        t0 = time.perf_counter()
-        metrics = engine.train_epoch(epoch, lr, stops, at_stop)
-        metrics.update(engine.evaluate())
-        row = {"epoch": epoch + 1, **metrics, "lr": lr, "time_s": time.perf_counter() - t0}
-        state.history.append(row)
-        log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.5g (%.1fs)",
-                 epoch + 1, settings.epochs, row.get("loss", float("nan")),
-                 row.get("accuracy", float("nan")), row.get("val_loss", float("nan")),
-                 row.get("val_accuracy", float("nan")), lr, row["time_s"])
-        stop = any([hook.on_epoch_end(epoch + 1, row, state) for hook in hooks])
-        if state.chief:
-            resume.save(state.model, epoch + 1, state.history)
-        state.epochs_done = epoch + 1
-        if stop:
-            break
+    with tqdm(total=settings.epochs, initial=state.epochs_done, unit="epoch",
+              desc=f"dense {state.run.root.name}", disable=not state.chief) as bar:
+        for epoch in range(state.epochs_done, settings.epochs):
+            lr = lr_at(settings, epoch)
+            stops = sorted({s for hook in hooks for s in hook.pause_steps
+                            if epoch * spe < s <= (epoch + 1) * spe})
+            t0 = time.perf_counter()
+            with _reading(info, settings, "train"):
+                metrics = engine.train_epoch(epoch, lr, stops, at_stop)
+            with _reading(info, settings, "validation"):
+                metrics.update(engine.evaluate())
+            row = {"epoch": epoch + 1, **metrics, "lr": lr, "time_s": time.perf_counter() - t0}
+            log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.5g (%.1fs)",
+                     epoch + 1, settings.epochs, row.get("loss", float("nan")),
+                     row.get("accuracy", float("nan")), row.get("val_loss", float("nan")),
+                     row.get("val_accuracy", float("nan")), lr, row["time_s"])
+            with shielded():
+                state.history.append(row)
+                stop = any([hook.on_epoch_end(epoch + 1, row, state) for hook in hooks])
+                if state.chief:
+                    resume.save(state.model, epoch + 1, state.history)
+                state.epochs_done = epoch + 1
+            bar.update(1)
+            if stop:
+                break
 
 
 def _finish(state: LoopState) -> None:

@@ -64,7 +64,7 @@ class DenseSettings:
     early_stopping_metric: Literal["val_loss", "val_accuracy"] = pydantic.Field(
         default="val_loss", description="metric early stopping watches")
     mixed_precision: bool = pydantic.Field(
-        default=False, description="mixed_float16 when a GPU is visible (ignored on CPU)")
+        default=False, description="mixed precision: float16 compute on GPUs, bfloat16 on CPUs")
     deterministic: bool = pydantic.Field(
         default=True, description="TensorFlow op determinism: a resumed run equals an "
                                   "uninterrupted one")

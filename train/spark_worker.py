@@ -1,4 +1,5 @@
-"""Executor side of the `elephas` engine: one Spark task trains one worker's share of one round.
+"""Executor side of the `elephas` engine: one Spark task trains one worker's share of one round
+and emits its state as a leaf of the averaging tree (`train.state_reduce`).
 
 Runs inside PySpark's Python workers. Nothing here imports TensorFlow at module import time: the
 task first pins the GPU Spark assigned it (CUDA_VISIBLE_DEVICES must be set before TensorFlow is
@@ -27,7 +28,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from common.cluster import claim_gpus, node_gpus
+from common.native_logs import quiet_tensorflow
+from train.faults import armed_fault, kill_this_worker
 from train.keras_internals import raw_learning_rate, seed_all
+from train.state_reduce import Partial, leaf
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +156,9 @@ def pin_task_gpu(gpus_per_task: int) -> tuple[str | None, str | None]:
     """Point this Python worker at the GPU(s) of the current Spark task; returns (assigned, in use).
 
     Must run before TensorFlow is imported in this process. A reused Python worker whose TensorFlow
-    is already bound to other GPUs cannot switch: it keeps its GPUs and says so (Spark's address
-    bookkeeping then differs from the device actually used, so two tasks may share a GPU).
+    is already bound to other GPUs cannot switch: it keeps its GPUs (Spark's address bookkeeping
+    then differs from the device actually used). A fresh worker claims a GPU no live worker holds
+    (common.cluster.claim_gpus), so the live workers of a node never share one.
     """
     global _PINNED_GPUS
     from pyspark import TaskContext
@@ -164,11 +170,13 @@ def pin_task_gpu(gpus_per_task: int) -> tuple[str | None, str | None]:
     if wanted is None:
         return None, os.environ.get("CUDA_VISIBLE_DEVICES")
     if "tensorflow" not in sys.modules:
-        os.environ["CUDA_VISIBLE_DEVICES"] = wanted
-        _PINNED_GPUS = wanted
+        # Spark's address may be the GPU a surviving reused worker trains on (after a worker died).
+        pinned = ",".join(claim_gpus(wanted.split(","), node_gpus()))
+        os.environ["CUDA_VISIBLE_DEVICES"] = pinned
+        _PINNED_GPUS = pinned
     elif _PINNED_GPUS != wanted:
-        log.warning("Python worker %d already runs TensorFlow on GPU(s) %s; Spark assigned %s",
-                    os.getpid(), _PINNED_GPUS, wanted)
+        log.debug("Python worker %d keeps GPU(s) %s; Spark assigned %s",
+                  os.getpid(), _PINNED_GPUS, wanted)
     return wanted, _PINNED_GPUS if _PINNED_GPUS is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
 
 
@@ -306,10 +314,9 @@ def _remember_stream(key: tuple, stream: _Stream) -> None:
 
 
 def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: int,
-                 shard_files: Sequence[str], task_start: float, gpu: tuple) -> dict:
-    """Train one worker's share of a round; returns its arrays (as bytes) and its report."""
-    from elephas.utils.serialization import weights_to_bytes
-
+                 shard_files: Sequence[str], task_start: float, gpu: tuple) -> Partial:
+    """Train one worker's share of a round; returns its state and report as a reduction leaf."""
+    die_after = armed_fault("train", worker_index)  # tests only (train.faults)
     phases = {}  # where a round's fixed cost goes, per worker (bench/train_throughput.py, part c)
     t0 = time.perf_counter()
     cached, built_now = _cached_model(cfg.model_key, spec)
@@ -339,6 +346,8 @@ def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: 
     records, steps, sums = 0, 0, {}
     t_train = time.perf_counter()
     while cfg.steps is None or steps < cfg.steps:
+        if steps == die_after:
+            kill_this_worker()
         t_batch = time.perf_counter()
         try:
             batch = next(iterator)
@@ -360,10 +369,9 @@ def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: 
         _remember_stream(stream_key, stream)
 
     t_out = time.perf_counter()
-    payload = weights_to_bytes(cached.io.read())
-    return {
+    arrays = cached.io.read()
+    return leaf(records, arrays, {
         "worker_index": worker_index,
-        "state": payload,
         "records": records,
         "steps": steps,
         "metrics": {k: v / records for k, v in sums.items()} if records else {},
@@ -379,18 +387,20 @@ def train_worker(spec: WorkerSpec, cfg: RoundConfig, state: list, worker_index: 
         "pipeline_built": pipeline_built,
         "gpu_assigned": gpu[0],
         "gpu_visible": gpu[1],
-    }
+    })
 
 
 def run_task(spec_key: str, spec_broadcast, cfg: RoundConfig, state_broadcast,
-             items: Iterable[tuple[int, list[str]]]) -> Iterator[dict]:
-    """mapPartitions body: pin the GPU first, then import TensorFlow and train each item."""
+             items: Iterable[tuple[int, list[str]]]) -> Iterator[tuple[int, Partial]]:
+    """mapPartitions body: pin the GPU first, then import TensorFlow and train each item;
+    yields (worker_index, leaf) for train.state_reduce."""
     task_start = time.perf_counter()
     gpu = pin_task_gpu(cfg.gpus_per_task)
+    quiet_tensorflow()  # as on the driver: no native start-up lines from the executors
     # Only now may Keras/TensorFlow be imported (by the factories' modules and by elephas).
     from elephas.utils.serialization import bytes_to_weights
 
     spec = _spec(spec_key, spec_broadcast.value)
     state = bytes_to_weights(state_broadcast.value)
     for worker_index, shard_files in items:
-        yield train_worker(spec, cfg, state, worker_index, shard_files, task_start, gpu)
+        yield worker_index, train_worker(spec, cfg, state, worker_index, shard_files, task_start, gpu)

@@ -14,6 +14,10 @@ Protocol (works on any POSIX file system that honours O_EXCL and link(), NFS v3+
             wins; the winner checks the link is the inode it judged stale, unlinks the claim and
             claims afresh with O_EXCL like anyone else.
 - done:     the result file (written atomically by the caller) means done; the claim is removed.
+
+A claim file holds JSON: `owner` (host:pid[:tag] of the process that heartbeats it, which the
+staleness check reads), `task_id`, `claimed_at` and `worker` (`host`, `pid`, and `rank` under MPI:
+where the point runs, which `lottery status` shows; under MPI rank 0 claims for every rank).
 """
 from __future__ import annotations
 
@@ -51,10 +55,21 @@ class ClaimInfo:
     owner: str
     age: float      # seconds since the last heartbeat, by the file system's clock
     stale: bool
+    host: str | None = None   # where the point runs (the claim's `worker`)
+    pid: int | None = None
+    rank: int | None = None   # MPI rank running the point; None outside MPI
 
 
 def default_owner(tag: str = "") -> str:
     return f"{socket.gethostname()}:{os.getpid()}" + (f":{tag}" if tag else "")
+
+
+def this_worker(rank: int | None = None) -> dict:
+    """The `worker` of a claim for a point run by this process."""
+    worker: dict = {"host": socket.gethostname(), "pid": os.getpid()}
+    if rank is not None:
+        worker["rank"] = rank
+    return worker
 
 
 class ClaimStore:
@@ -73,17 +88,21 @@ class ClaimStore:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._clock_offset = 0.0       # the file system's clock minus ours
+        self._clock_probed_at: float | None = None
         grid.claims.mkdir(parents=True, exist_ok=True)
 
     # -- claiming ------------------------------------------------------------------------
-    def try_claim(self, task_id: str) -> Claim | None:
-        """Claim `task_id` if it has no result and no live claim; None otherwise."""
+    def try_claim(self, task_id: str, worker: dict | None = None) -> Claim | None:
+        """Claim `task_id` if it has no result and no live claim; None otherwise. `worker`: where
+        the point will run (host, pid, rank), when not in this process."""
         if self.grid.result(task_id).exists():
             return None
         path = self.grid.claim(task_id)
-        claim = self._create(task_id, path)
+        worker = worker or this_worker()
+        claim = self._create(task_id, path, worker)
         if claim is None and self._reclaim_if_stale(task_id, path):
-            claim = self._create(task_id, path)
+            claim = self._create(task_id, path, worker)
         if claim is None:
             return None
         if self.grid.result(task_id).exists():  # finished between our check and our claim
@@ -94,22 +113,34 @@ class ClaimStore:
         self._ensure_heartbeat()
         return claim
 
-    def _create(self, task_id: str, path: Path) -> Claim | None:
+    def _create(self, task_id: str, path: Path, worker: dict) -> Claim | None:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return None
         os.write(fd, json.dumps({"owner": self.owner, "task_id": task_id,
-                                 "claimed_at": time.time()}).encode())
-        os.fsync(fd)
+                                 "claimed_at": time.time(), "worker": worker}).encode())
+        # No fsync: O_EXCL alone decides who holds the point, and a claim whose content a crash
+        # lost goes stale by its mtime like any other. An fsync per claim was most of rank 0's
+        # cost per hand-out (~5 ms of ~7), which 80 ranks on short points saturated.
         return Claim(task_id, path, fd, os.fstat(fd).st_ino)
+
+    def _fs_time(self) -> float:
+        """The file system's clock, probed at most once per heartbeat: a probe creates and removes
+        a file in claims/, which 80 launches judging every held claim on every walk turned into
+        the main cost of claiming (and contention on the directory); the offset between the two
+        clocks drifts far slower than that."""
+        if self._clock_probed_at is None or time.monotonic() - self._clock_probed_at > self.heartbeat:
+            self._clock_offset = _fs_now(self.grid.claims) - time.time()
+            self._clock_probed_at = time.monotonic()
+        return time.time() + self._clock_offset
 
     def _reclaim_if_stale(self, task_id: str, path: Path) -> bool:
         try:
             st = path.stat()
         except FileNotFoundError:
             return True  # released meanwhile: try to create again
-        age = _fs_now(self.grid.claims) - st.st_mtime
+        age = self._fs_time() - st.st_mtime
         owner = _owner_of(path)
         if age <= self.stale_after and not _dead_on_this_host(owner):
             return False
@@ -194,11 +225,20 @@ def _fs_now(directory: Path) -> float:
         probe.unlink(missing_ok=True)
 
 
-def _owner_of(path: Path) -> str:
+def _claim_record(path: Path) -> dict:
     try:
-        return str(json.loads(path.read_bytes()[:4096]).get("owner", "?"))
-    except (OSError, ValueError, AttributeError):
-        return "?"
+        record = json.loads(path.read_bytes()[:4096])
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _owner_of(path: Path) -> str:
+    return str(_claim_record(path).get("owner", "?"))
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _dead_on_this_host(owner: str) -> bool:
@@ -231,5 +271,11 @@ def list_claims(grid: GridPaths, stale_after: float = DEFAULT_STALE_AFTER) -> li
             age = now - p.stat().st_mtime
         except FileNotFoundError:
             continue
-        out.append(ClaimInfo(p.name[:-len(".claim")], _owner_of(p), age, age > stale_after))
+        record = _claim_record(p)
+        owner = str(record.get("owner", "?"))
+        worker = record.get("worker") if isinstance(record.get("worker"), dict) else {}
+        host = worker.get("host") or owner.partition(":")[0] or None   # claims without `worker`
+        out.append(ClaimInfo(p.name[:-len(".claim")], owner, age, age > stale_after,
+                             host=str(host) if host else None, pid=_int_or_none(worker.get("pid")),
+                             rank=_int_or_none(worker.get("rank"))))
     return out

@@ -152,6 +152,9 @@ def early_bird_epoch(run: RunInfo) -> int:
 # magnitude grids planned before these fields existed keep their directory name and settings.json.
 STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "early_bird",
                      "channel_round_to")
+# Fields added after grids were first planned, with the default that reproduces the old grids:
+# left out of the identity (and of settings.json) at that default.
+LATER_DEFAULTS = {"channel_round_to": 1, "lr_schedule_from": "rewind"}
 
 
 def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
@@ -160,15 +163,16 @@ def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
     if values.get("channel_ratios") is None:
         for field in STRUCTURED_FIELDS:
             values.pop(field, None)
-    if values.get("channel_round_to") == 1:  # added later: grids planned before keep their names
-        values.pop("channel_round_to")
+    for field, default in LATER_DEFAULTS.items():  # added later: grids planned before keep their names
+        if values.get(field) == default:
+            values.pop(field)
     return values
 
 
 def grid_hash(settings: GridSettings) -> str:
     """The name of the grid's directory: its settings as grid_identity records them."""
     return identity_hash(settings, omit=() if settings.structured else STRUCTURED_FIELDS,
-                         omit_defaults={"channel_round_to": 1})
+                         omit_defaults=LATER_DEFAULTS)
 
 
 def build_tasks(settings: GridSettings, positions: Mapping[str, float],

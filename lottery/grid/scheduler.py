@@ -299,8 +299,8 @@ def run_grid(grid_dir: str | os.PathLike, *, execute: Execute | None = None,
     if "tensorflow" in sys.modules:
         log.warning("TensorFlow was imported before the GPU was pinned: all ranks may share GPU 0")
     device = pin_local_gpu(place)
-    log.info("rank %d/%d, local rank %d: GPU %s", place.rank, place.size, place.local_rank,
-             device if device is not None else "none (CPU)")
+    log.info("rank %d/%d, local rank %d: %s", place.rank, place.size, place.local_rank,
+             f"GPU {device}" if device is not None else "CPU (no GPU visible)")
     execute = execute or load_executor(grid, executor)
     stop = StopToken()
     with stop_on_signals(stop):

@@ -64,7 +64,17 @@ class GridSettings:
     exclude: tuple[str, ...] = pydantic.Field(
         default=(), description="weight-name patterns never pruned (fnmatch), comma-separated")
     epochs: Optional[int] = pydantic.Field(
-        default=None, ge=1, le=100_000, description="retraining epochs (default: the dense run's)")
+        default=None, ge=1, le=100_000,
+        description="retraining epochs (default: the dense run's). With fewer, the default "
+                    "--lr-schedule-from rewind replays only that many epochs of the dense "
+                    "learning-rate schedule from the rewind point, so it stops before the schedule "
+                    "anneals; --lr-schedule-from fresh fits the whole schedule into them")
+    lr_schedule_from: Literal["rewind", "fresh"] = pydantic.Field(
+        default="rewind",
+        description="retraining learning rate: rewind = the dense run's schedule continued from "
+                    "the rewind point (structured points: from its start) for --epochs epochs; "
+                    "fresh = the whole dense schedule compressed (or stretched) into --epochs, "
+                    "from its first rate to its last")
     seed: int = pydantic.Field(default=0, description="seed the per-task seeds derive from")
     # Structured (channel) pruning: fraction of channels removed; see lottery.prune.channel_masks.
     channel_ratios: Optional[tuple[float, ...]] = pydantic.Field(

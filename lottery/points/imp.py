@@ -25,7 +25,7 @@ import numpy as np
 from common.paths import GridPaths
 from common.stop import StopToken
 from lottery.points.epoch_checkpoint import EpochCheckpoint
-from lottery.points.recipe import Recipe, dense_recipe, open_dense_run, retrain
+from lottery.points.recipe import Recipe, dense_recipe, lr_schedule_from, open_dense_run, retrain
 from lottery.points.task import Task, TaskError
 from lottery.prune import masks as masks_mod
 from lottery.prune.stats import prunable_weights
@@ -121,7 +121,8 @@ def run_imp_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: 
     configure_tensorflow(run.settings)
     keras.utils.set_random_seed(task.seed)
     final = prunable_weights(load_checkpoint(run.paths.root, "final"))
-    recipe = dense_recipe(run, epochs=task.epochs, start_epoch=run.position(task.rewind))
+    recipe = dense_recipe(run, epochs=task.epochs, start_epoch=run.position(task.rewind),
+                          schedule_from=lr_schedule_from(settings))
     rounds = run_imp(lambda: load_checkpoint(run.paths.root, task.rewind), final, recipe,
                      rounds=task.imp_rounds, rate=task.imp_rate,
                      mask_path=lambda r: grid.mask(round_mask_id(task.task_id, r)),

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 from common.paths import GridPaths
 from common.stop import StopToken
 from lottery.points.epoch_checkpoint import EpochCheckpoint
-from lottery.points.recipe import dense_recipe, mask_shapes, open_dense_run, retrain
+from lottery.points.recipe import dense_recipe, lr_schedule_from, mask_shapes, open_dense_run, retrain
 from lottery.points.task import Task
 from lottery.prune import masks as masks_mod
 from train.checkpoints import load_checkpoint
@@ -29,8 +29,8 @@ def run_oneshot_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, ta
                      ) -> dict[str, Any]:
     """Run one oneshot task of a grid; returns its result (the scheduler writes the file).
 
-    `settings` are the grid settings (unused beyond the task's own fields, accepted for a uniform
-    call); `stop` ends the training after its current batch (common.stop.Preempted).
+    `settings` are the grid settings (their lr_schedule_from picks the retraining schedule);
+    `stop` ends the training after its current batch (common.stop.Preempted).
     """
     import keras
 
@@ -41,7 +41,8 @@ def run_oneshot_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, ta
     configure_tensorflow(run.settings)
     keras.utils.set_random_seed(task.seed)
     model = load_checkpoint(run.paths.root, task.rewind)
-    recipe = dense_recipe(run, epochs=task.epochs, start_epoch=run.position(task.rewind))
+    recipe = dense_recipe(run, epochs=task.epochs, start_epoch=run.position(task.rewind),
+                          schedule_from=lr_schedule_from(settings))
     reinit = task.seed + 1 if task.control == "random_reinit" else None
     log.info("task %s: mask %s (sparsity %.4f), rewind %s, control %s, %d epochs", task.task_id,
              task.mask_id, masks_mod.mask_sparsity(mask, mask_shapes(model, mask))["overall"],

@@ -5,9 +5,12 @@ dense run's recipe (optimizer, learning-rate schedule, epochs, data pipeline) fr
 settings.json. The runners (lottery.points.oneshot, imp, structured) build on both.
 
 Rewinding: the weights come from the rewind checkpoint; the optimizer state starts fresh (the
-checkpoint's is not restored) and the learning-rate schedule continues from the rewind point's
-position in the dense run, clamped at its end, for the task's `epochs` epochs. With the default
-rewind `init` and the default epochs this is exactly the dense run's recipe.
+checkpoint's is not restored). The learning rate follows the grid's `lr_schedule_from`
+(`retraining_lr`): `rewind` (the default) continues the dense schedule from the rewind point's
+position in the dense run, clamped at its end, for the task's `epochs` epochs, so fewer epochs than
+the dense run's stop before the schedule anneals; `fresh` runs the whole dense schedule compressed
+into the task's epochs. With the default rewind `init` and the default epochs both are exactly the
+dense run's recipe.
 """
 from __future__ import annotations
 
@@ -128,8 +131,36 @@ def open_dense_run(run_dir: str | os.PathLike) -> DenseRun:
     return DenseRun(run, record, settings)
 
 
-def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float = 0.0) -> Recipe:
-    """The dense run's optimizer, loss, schedule and data, for `epochs` epochs from `start_epoch`."""
+LR_SCHEDULES_FROM = ("rewind", "fresh")
+
+
+def lr_schedule_from(grid_settings: Mapping[str, Any] | None) -> str:
+    """The grid's `lr_schedule_from` (absent from grids planned with the default)."""
+    return (grid_settings or {}).get("lr_schedule_from") or "rewind"
+
+
+def retraining_lr(settings: DenseSettings, epochs: int, start_epoch: float,
+                  schedule_from: str = "rewind") -> Callable[[int], float]:
+    """Retraining epoch (0-based) -> learning rate, from the dense run's schedule.
+
+    rewind: the dense rate at start_epoch + epoch, clamped at the end of the dense run.
+    fresh:  the dense schedule from its start squeezed into `epochs`: retraining epoch e runs at
+            the dense rate of epoch e * (D - 1) / (epochs - 1) of D, so the first epoch has the
+            dense run's first rate and the last its last (one epoch: the first rate).
+    """
+    dense = settings.epochs
+    if schedule_from == "rewind":
+        return lambda epoch: lr_at(settings, min(start_epoch + epoch, float(dense)))
+    if schedule_from == "fresh":
+        stride = (dense - 1) / (epochs - 1) if epochs > 1 else 0.0
+        return lambda epoch: lr_at(settings, min(epoch * stride, float(dense - 1)))
+    raise ValueError(f"lr_schedule_from: {schedule_from!r} is not one of {', '.join(LR_SCHEDULES_FROM)}")
+
+
+def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float = 0.0,
+                 schedule_from: str = "rewind") -> Recipe:
+    """The dense run's optimizer, loss, schedule and data, for `epochs` epochs from `start_epoch`
+    (the learning rate as `retraining_lr` gives it for `schedule_from`)."""
     s = run.settings
     info = open_dataset(s.data)
     if info.manifest_sha256 != run.record.get("manifest_sha256"):
@@ -150,5 +181,5 @@ def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float
         epochs=epochs,
         train_data=train_data,
         validation_data=make_dataset(info, "validation", training=False, **kwargs),
-        learning_rate=lambda epoch: lr_at(s, min(start_epoch + epoch, float(s.epochs))),
+        learning_rate=retraining_lr(s, epochs, start_epoch, schedule_from),
     )

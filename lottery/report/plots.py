@@ -1,35 +1,72 @@
-"""PNG plots of a lottery grid (matplotlib, Agg backend: no display needed on cluster nodes)."""
+"""PNG plots of a lottery grid (matplotlib's Agg canvas: no display needed on cluster nodes).
+
+Every plot keeps its data visible: legends sit outside the axes, every series has its own colour
+from a qualitative palette (marker and line style say which control it is), and each fraction axis
+has a labelled tick at every planned value. `figures` draws them (tests inspect the figures with
+matplotlib's own geometry); `write_plots` saves them.
+"""
 from __future__ import annotations
 
 import io
-import logging
+import textwrap
 from pathlib import Path
+from typing import Iterator, Sequence
 
 from common.atomic import write_bytes
-from common.paths import GridPaths
-from lottery.report.results import point_history
-
-log = logging.getLogger(__name__)
+from lottery.report.results import ReportData, planned_imp_sparsities, planned_sparsities, point_history
+from train.early_bird import distance_matrix
 
 CONTROL_STYLE = {"none": "-", "random_reinit": "--", "random_mask": ":"}
 CONTROL_MARKER = {"none": "o", "random_reinit": "s", "random_mask": "^"}
-MAX_CURVES = 8
+CURVE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+MAX_CURVES = 12  # four per rewind point for three rewind points
+FIGSIZE = (7.5, 4.8)
+DODGE_POINTS = 8.0  # total sideways spread of the series of accuracy_vs_sparsity.png
 
 
-def _pyplot():
+def _figure(figsize=FIGSIZE):
+    """A figure on an Agg canvas, outside pyplot: nothing global to close, no backend to pick."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def palette(n: int) -> list:
+    """`n` colours a reader can tell apart: tab10, then tab20 (its ten strong shades first),
+    then evenly spaced hues."""
     import matplotlib
 
-    matplotlib.use("Agg")  # before pyplot: never try a display
-    import matplotlib.pyplot as plt
+    if n <= 10:
+        return [matplotlib.colormaps["tab10"](i) for i in range(n)]
+    if n <= 20:
+        tab20 = matplotlib.colormaps["tab20"]
+        return [tab20(i) for i in [*range(0, 20, 2), *range(1, 20, 2)][:n]]
+    turbo = matplotlib.colormaps["turbo"]
+    return [turbo(0.05 + 0.9 * i / (n - 1)) for i in range(n)]
 
-    return plt
+
+def paired_palette(n: int) -> list[tuple]:
+    """`n` (strong, light) pairs of one hue each: two series that belong together."""
+    import matplotlib
+
+    if n <= 10:
+        tab20 = matplotlib.colormaps["tab20"]
+        return [(tab20(2 * i), tab20(2 * i + 1)) for i in range(n)]
+    colours = palette(2 * n)
+    return list(zip(colours[:n], colours[n:]))
 
 
-def _save(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    write_bytes(path, buf.getvalue())  # atomic: a reader never sees half a PNG
-    return path
+def percent(value: float) -> str:
+    return f"{value * 100:.3g}%"
+
+
+def _legend_outside(ax):
+    """Right of the axes, so it covers no data; bbox_inches="tight" keeps it in the PNG."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _dense_line(ax, dense: float | None) -> None:
@@ -37,116 +74,103 @@ def _dense_line(ax, dense: float | None) -> None:
         ax.axhline(dense, color="black", linewidth=1.2, alpha=0.7, label=f"dense ({dense:.3f})")
 
 
-def accuracy_vs_sparsity(path: Path, rows: list[dict], rewinds: list[str], dense: float | None) -> Path:
-    """One colour per rewind point; the mask's own result solid, the controls dashed/dotted."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, rewind in enumerate(rewinds):
-        for control in ("none", "random_reinit", "random_mask"):
-            pts = sorted((r["sparsity"], r["accuracy"]) for r in rows
-                         if r["kind"] == "oneshot" and r["rewind"] == rewind and r["control"] == control
-                         and r["sparsity"] is not None and r["accuracy"] is not None)
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            label = f"rewind {rewind}" + ("" if control == "none" else f", {control}")
-            ax.plot(xs, ys, CONTROL_STYLE[control], marker=CONTROL_MARKER[control],
-                    color=colours[i % len(colours)], label=label, markersize=5)
-    _dense_line(ax, dense)
-    ax.set_xlabel("sparsity (fraction of prunable weights removed)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Accuracy after retraining vs sparsity")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+def _accuracy_label(ax, size: int | None) -> None:
+    ax.set_ylabel("validation accuracy" + (f" ({size} images)" if size else ""))
 
 
-def training_curves(path: Path, records: list[dict], pick: list[str]) -> Path:
-    """Validation accuracy per epoch of the selected points."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    by_id = {r["task_id"]: r for r in records}
-    for task_id in pick:
-        rows = point_history(by_id[task_id].get("result") or {})
-        pts = [(r.get("epoch", i + 1), r["val_accuracy"]) for i, r in enumerate(rows)
-               if r.get("val_accuracy") is not None]
-        if pts:
-            xs, ys = zip(*pts)
-            task = by_id[task_id]["task"]
-            style = CONTROL_STYLE.get(task.get("control", "none"), "-")
-            ax.plot(xs, ys, style, marker=".", label=task_id)
-    from matplotlib.ticker import MaxNLocator
+def _remaining_log(sparsity):
+    """Sparsity -> -log10(weights remaining): 90%, 99%, 99.9% sparse are evenly spaced."""
+    import numpy as np
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("retraining epoch")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Training curves of selected points")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: curves stay visible
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return -np.log10(1.0 - np.clip(sparsity, 0.0, 1.0 - 1e-9))
 
 
-def imp_curve(path: Path, records: list[dict], rows: list[dict], dense: float | None) -> Path:
-    """IMP accuracy vs fraction of weights remaining (log axis), one-shot points for comparison."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    chains = [r for r in records if r["task"].get("kind") == "imp"]
-    for i, rec in enumerate(chains):
-        pts = sorted((1.0 - float(rnd["sparsity"]), float(rnd["accuracy"]))
-                     for rnd in (rec.get("result") or {}).get("rounds") or []
-                     if rnd.get("sparsity") is not None and rnd.get("accuracy") is not None)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, "-", marker="o", color=colours[i % len(colours)],
-                    label=f"IMP, rewind {rec['task'].get('rewind')}")
-    # One-shot masks of the same rewind point, dashed in the chain's colour: IMP vs one-shot.
-    chain_rewinds = [rec["task"].get("rewind") for rec in chains]
-    for i, rewind in enumerate(chain_rewinds):
-        pts = sorted((r["remaining_fraction"], r["accuracy"]) for r in rows
-                     if r["kind"] == "oneshot" and r["control"] == "none" and r["rewind"] == rewind
-                     and r["remaining_fraction"] and r["accuracy"] is not None)
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, "--", marker="x", color=colours[i % len(colours)], alpha=0.8,
-                    label=f"one-shot, rewind {rewind}")
-    _dense_line(ax, dense)
-    ax.set_xscale("log")
-    _percent_ticks(ax)
-    ax.invert_xaxis()  # pruning goes right: from all weights to few
-    ax.set_xlabel("prunable weights remaining (log scale)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("Iterative magnitude pruning")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower left")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+def _sparsity_from_remaining_log(value):
+    import numpy as np
+
+    return 1.0 - np.power(10.0, -np.asarray(value, dtype=float))
 
 
-def _percent_ticks(ax) -> None:
+def _fraction_limits(ax, values: Sequence[float], *, invert: bool = False) -> None:
+    """x limits that show every value (data and planned ticks), with a margin on the axis' scale."""
+    import numpy as np
+
+    if not values:
+        return
+    scale = ax.xaxis.get_transform()
+    lo, hi = scale.transform(np.array([min(values), max(values)], dtype=float))
+    pad = 0.05 * max(hi - lo, 0.05)
+    lo, hi = scale.inverted().transform(np.array([lo - pad, hi + pad]))
+    ax.set_xlim((hi, lo) if invert else (lo, hi))
+
+
+def _fraction_ticks(ax, axis, ticks: Sequence[float], show=percent) -> None:
+    """A labelled tick at every value of `ticks` on `axis` (ax.xaxis or a secondary axis' xaxis),
+    labels turned when neighbours would touch. Call after the limits are set."""
+    import numpy as np
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
-    lo, hi = ax.get_xlim()
-    lo, hi = min(lo, hi), max(lo, hi)
-    ticks = [t for t in (1.0, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001)
-             if lo <= t <= hi] or [lo, hi]
-    ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x * 100:g}%"))
+    ticks = sorted(set(ticks))
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_minor_locator(NullLocator())  # a log axis' unlabelled minor ticks read as data
+    axis.set_major_formatter(FuncFormatter(lambda x, _pos: show(x)))
+    scale = ax.xaxis.get_transform()
+    lo, hi = scale.transform(np.array(ax.get_xlim(), dtype=float))
+    where = np.sort(np.abs(scale.transform(np.array(ticks, dtype=float)) - lo) / abs(hi - lo))
+    if np.any(np.diff(where) < 0.07):
+        axis.set_tick_params(labelrotation=45)
+        for label in axis.get_ticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
 
 
-def select_curves(rows: list[dict], rewinds: list[str]) -> list[str]:
-    """Per rewind point, the sparsest and the densest one-shot mask (no control), then the
-    controls at the sparsest mask: the curves that show where training breaks down."""
+def _dodge(ax, index: int, count: int, spread: float = DODGE_POINTS):
+    """ax.transData shifted sideways by a few typographic points for series `index` of `count`:
+    with few validation images equal accuracies are common, and equal points would hide each
+    other. The shift is far smaller than the distance between planned sparsities."""
+    from matplotlib.transforms import ScaledTranslation
+
+    shift = 0.0 if count < 2 else spread * (index / (count - 1) - 0.5)
+    return ax.transData + ScaledTranslation(shift / 72.0, 0.0, ax.figure.dpi_scale_trans)
+
+
+def accuracy_vs_sparsity(data: ReportData):
+    """One series per (rewind point, control), each its own colour; the mask's own result solid
+    with circles, the controls dashed (random re-init, squares) and dotted (random mask, triangles)."""
+    fig, ax = _figure()
+    series = []
+    for rewind in data.rewinds:
+        for control in CONTROL_STYLE:
+            pts = sorted((r["sparsity"], r["accuracy"]) for r in data.rows
+                         if r["kind"] == "oneshot" and r["rewind"] == rewind and r["control"] == control
+                         and r["sparsity"] is not None and r["accuracy"] is not None)
+            if pts:
+                series.append((f"rewind {rewind}" + ("" if control == "none" else f", {control}"),
+                               control, pts))
+    for i, (colour, (label, control, pts)) in enumerate(zip(palette(len(series)), series)):
+        xs, ys = zip(*pts)
+        (line,) = ax.plot(xs, ys, CONTROL_STYLE[control], marker=CONTROL_MARKER[control],
+                          color=colour, label=label, markersize=5)
+        line.set_transform(_dodge(ax, i, len(series)))  # after plot(): the limits are the data's
+    _dense_line(ax, data.dense)
+    planned = planned_sparsities(data.plan)
+    ax.set_xscale("function", functions=(_remaining_log, _sparsity_from_remaining_log))
+    _fraction_limits(ax, [x for *_, pts in series for x, _y in pts] + planned)
+    _fraction_ticks(ax, ax.xaxis, planned)
+    ax.set_xlabel("sparsity (% of prunable weights removed; log scale of the weights remaining)")
+    _accuracy_label(ax, data.validation_size)
+    ax.set_title("Accuracy after retraining vs sparsity")
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def select_curves(rows: list[dict], rewinds: list[str]) -> tuple[list[str], str]:
+    """The points whose training curves are drawn, and the rule that picked them (for the title).
+
+    Per rewind point, the sparsest and the densest one-shot mask (no control), then the controls
+    at the sparsest mask: the curves that show where training breaks down. Without one-shot
+    points, the finished points in plan order. At most MAX_CURVES."""
     picked: list[str] = []
     for rewind in rewinds:
         mine = [r for r in rows if r["kind"] == "oneshot" and r["rewind"] == rewind
@@ -156,51 +180,118 @@ def select_curves(rows: list[dict], rewinds: list[str]) -> list[str]:
             picked += [plain[-1]["task_id"], plain[0]["task_id"]]
             top = plain[-1]["threshold_value"]
             picked += [r["task_id"] for r in mine if r["control"] != "none" and r["threshold_value"] == top]
-    return list(dict.fromkeys(picked))[:MAX_CURVES]
+    picked = list(dict.fromkeys(picked))
+    rule = ("the sparsest and the densest one-shot mask of each rewind point, and the controls of "
+            "the sparsest")
+    if not picked:
+        picked, rule = [r["task_id"] for r in rows], "the finished points in plan order"
+    shown = picked[:MAX_CURVES]
+    if len(shown) < len(picked):
+        rule += f" (the first {len(shown)} of {len(picked)})"
+    return shown, rule
 
 
-def accuracy_vs_channel_ratio(path: Path, rows: list[dict], dense: float | None) -> Path:
-    """Structured points: one colour per (criterion, draw point); accuracy after retraining solid,
-    the compacted network before retraining dashed."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    structured = [r for r in rows if r["kind"] == "structured" and r["ratio"] is not None]
+def training_curves(data: ReportData, pick: list[str], rule: str):
+    """Validation accuracy per epoch of the selected points; the title says how they were picked."""
+    fig, ax = _figure()
+    by_id = {r["task_id"]: r for r in data.records}
+    colours = palette(len(pick))
+    for i, task_id in enumerate(pick):
+        rows = point_history(by_id[task_id].get("result") or {})
+        pts = [(r.get("epoch", j + 1), r["val_accuracy"]) for j, r in enumerate(rows)
+               if r.get("val_accuracy") is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            style = CONTROL_STYLE.get(by_id[task_id]["task"].get("control", "none"), "-")
+            ax.plot(xs, ys, style, marker=CURVE_MARKERS[i % len(CURVE_MARKERS)], markersize=4,
+                    color=colours[i], label=task_id)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("retraining epoch")
+    _accuracy_label(ax, data.validation_size)
+    ax.set_title(textwrap.fill(f"Training curves of {rule}", 80), fontsize=9)
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def imp_curve(data: ReportData):
+    """IMP accuracy vs fraction of weights remaining (log axis), with the one-shot masks of the
+    same rewind point in a light shade of the chain's colour. Bottom ticks: every planned IMP
+    round; top ticks: every planned one-shot sparsity."""
+    fig, ax = _figure()
+    chains = [r for r in data.records if r["task"].get("kind") == "imp"]
+    xs_all: list[float] = []
+    for (strong, light), rec in zip(paired_palette(len(chains)), chains):
+        rewind = rec["task"].get("rewind")
+        pts = sorted((1.0 - float(rnd["sparsity"]), float(rnd["accuracy"]))
+                     for rnd in (rec.get("result") or {}).get("rounds") or []
+                     if rnd.get("sparsity") is not None and rnd.get("accuracy") is not None)
+        oneshot = sorted((r["remaining_fraction"], r["accuracy"]) for r in data.rows
+                         if r["kind"] == "oneshot" and r["control"] == "none" and r["rewind"] == rewind
+                         and r["remaining_fraction"] and r["accuracy"] is not None)
+        for what, points, style, marker, colour in (("IMP", pts, "-", "o", strong),
+                                                    ("one-shot", oneshot, "--", "x", light)):
+            if points:
+                xs, ys = zip(*points)
+                xs_all += xs
+                ax.plot(xs, ys, style, marker=marker, color=colour, label=f"{what}, rewind {rewind}")
+    _dense_line(ax, data.dense)
+    rounds = [1.0 - s for s in planned_imp_sparsities(data.plan)]
+    oneshot_planned = [1.0 - s for s in planned_sparsities(data.plan)]
+    ax.set_xscale("log")
+    _fraction_limits(ax, xs_all + rounds + oneshot_planned, invert=True)  # pruning goes right
+    _fraction_ticks(ax, ax.xaxis, rounds)
+    ax.set_xlabel("prunable weights remaining (log scale; ticks: every planned IMP round)")
+    if oneshot_planned:
+        top = ax.secondary_xaxis("top")
+        _fraction_ticks(ax, top.xaxis, oneshot_planned)
+        top.set_xlabel("remaining at the planned one-shot sparsities", fontsize=8)
+    _accuracy_label(ax, data.validation_size)
+    ax.set_title("Iterative magnitude pruning")
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def accuracy_vs_channel_ratio(data: ReportData):
+    """Structured points: one colour pair per (criterion, draw point); accuracy after retraining
+    solid, the compacted network before retraining dashed in the light shade."""
+    fig, ax = _figure()
+    structured = [r for r in data.rows if r["kind"] == "structured" and r["ratio"] is not None]
     series = sorted({(r["criterion"], r["rewind"]) for r in structured},
                     key=lambda k: (k[0] or "", min(r["draw_epoch"] or 0.0 for r in structured
                                                    if (r["criterion"], r["rewind"]) == k)))
-    for i, (criterion, draw) in enumerate(series):
+    for i, (colours, (criterion, draw)) in enumerate(zip(paired_palette(len(series)), series)):
         mine = [r for r in structured if (r["criterion"], r["rewind"]) == (criterion, draw)]
-        for column, style, what in (("accuracy", "-", "retrained"),
-                                    ("accuracy_before", "--", "compacted")):
+        for j, column, style, what in ((0, "accuracy", "-", "retrained"),
+                                       (1, "accuracy_before", "--", "compacted")):
             pts = sorted((r["ratio"], r[column]) for r in mine if r[column] is not None)
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, style, marker="o" if style == "-" else "x",
-                        color=colours[i % len(colours)], label=f"{criterion}, draw {draw}, {what}")
-    _dense_line(ax, dense)
-    from matplotlib.ticker import FixedLocator, FuncFormatter
-
-    ax.xaxis.set_major_locator(FixedLocator(sorted({r["ratio"] for r in structured})))  # the grid's
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x * 100:g}%"))
-    ax.set_xlabel("channel ratio (fraction of channels removed)")
-    ax.set_ylabel("validation accuracy")
+                (line,) = ax.plot(xs, ys, style, marker="o" if style == "-" else "x", color=colours[j],
+                                  label=f"{criterion}, draw {draw}, {what}")
+                line.set_transform(_dodge(ax, 2 * i + j, 2 * len(series)))  # equal values stay visible
+    _dense_line(ax, data.dense)
+    planned = list((data.plan.get("settings") or {}).get("channel_ratios") or
+                   {r["ratio"] for r in structured})
+    _fraction_limits(ax, [r["ratio"] for r in structured] + planned)
+    _fraction_ticks(ax, ax.xaxis, planned)
+    ax.set_xlabel("channel ratio (% of channels removed; ticks: the planned ratios)")
+    _accuracy_label(ax, data.validation_size)
     ax.set_title("Structured pruning: accuracy vs channel ratio")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    _legend_outside(ax)
+    return fig
 
 
-def early_bird_heatmap(path: Path, epochs: list[int], distances, drawn_epoch: int | None) -> Path:
+def early_bird_heatmap(epochs: list[int], distances, drawn_epoch: int | None):
     """Pairwise normalised Hamming distance between the epochs' BN channel masks (epoch x epoch),
     as in You et al. 2020, Fig. 2; the epoch where the ticket was drawn is marked."""
-    plt = _pyplot()
     n = len(epochs)
     size = min(9.0, 4.0 + 0.05 * n)
-    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    fig, ax = _figure((size + 1.2, size))
     extent = (epochs[0] - 0.5, epochs[-1] + 0.5, epochs[-1] + 0.5, epochs[0] - 0.5)
     image = ax.imshow(distances, cmap="viridis", vmin=0.0, extent=extent, interpolation="nearest")
     fig.colorbar(image, ax=ax, label="mask distance (normalised Hamming)")
@@ -208,7 +299,7 @@ def early_bird_heatmap(path: Path, epochs: list[int], distances, drawn_epoch: in
         ax.axvline(drawn_epoch, color="red", linewidth=1.2, linestyle="--")
         ax.axhline(drawn_epoch, color="red", linewidth=1.2, linestyle="--",
                    label=f"Early-Bird ticket drawn (epoch {drawn_epoch})")
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12))  # below the map
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -216,24 +307,43 @@ def early_bird_heatmap(path: Path, epochs: list[int], distances, drawn_epoch: in
     ax.set_xlabel("epoch")
     ax.set_ylabel("epoch")
     ax.set_title("Early-Bird: distance between the epochs' channel masks")
-    try:
-        return _save(fig, path)
-    finally:
-        plt.close(fig)
+    return fig
 
 
-def write_plots(grid: GridPaths, records: list[dict], rows: list[dict], rewinds: list[str],
-                dense: float | None) -> list[Path]:
-    """Every plot of the grid's results the data allows (the Early-Bird heat map, drawn from the
-    dense run's files, is written by lottery.report.build); returns their paths."""
-    out = []
+def figures(data: ReportData) -> Iterator[tuple[str, object, str]]:
+    """(file name, figure, caption) of every plot the data allows, drawn one at a time."""
+    rows = data.rows
     if any(r["kind"] == "oneshot" for r in rows):
-        out.append(accuracy_vs_sparsity(grid.plots / "accuracy_vs_sparsity.png", rows, rewinds, dense))
-    pick = select_curves(rows, rewinds) or [r["task_id"] for r in rows][:MAX_CURVES]
+        yield ("accuracy_vs_sparsity.png", accuracy_vs_sparsity(data),
+               "One-shot masks: accuracy after retraining vs sparsity, one series per rewind point "
+               f"and control (shifted sideways by up to {DODGE_POINTS / 2:g} pt so that equal "
+               "accuracies stay visible).")
+    pick, rule = select_curves(rows, data.rewinds)
     if pick:
-        out.append(training_curves(grid.plots / "training_curves.png", records, pick))
-    if any(r["task"].get("kind") == "imp" for r in records):
-        out.append(imp_curve(grid.plots / "imp.png", records, rows, dense))
+        yield ("training_curves.png", training_curves(data, pick, rule),
+               f"Validation accuracy per retraining epoch of {rule}.")
+    if any(r["task"].get("kind") == "imp" for r in data.records):
+        yield ("imp.png", imp_curve(data),
+               "IMP chains vs the one-shot masks of the same rewind point, by weights remaining.")
     if any(r["kind"] == "structured" for r in rows):
-        out.append(accuracy_vs_channel_ratio(grid.plots / "accuracy_vs_channel_ratio.png", rows, dense))
-    return out
+        yield ("accuracy_vs_channel_ratio.png", accuracy_vs_channel_ratio(data),
+               "Structured points: accuracy of the compacted network before and after retraining "
+               f"(shifted sideways by up to {DODGE_POINTS / 2:g} pt so that equal accuracies stay "
+               "visible).")
+    if len(data.early_bird_masks) >= 2:
+        yield ("early_bird_distances.png",
+               early_bird_heatmap(data.early_bird_epochs, distance_matrix(data.early_bird_masks),
+                                  (data.early_bird or {}).get("drawn_epoch")),
+               "Distance between the dense run's per-epoch channel masks (Early-Bird).")
+
+
+def write_plots(data: ReportData) -> list[tuple[Path, str]]:
+    """Every plot of `figures` under the grid's plots/ (atomic writes); (path, caption) each."""
+    written = []
+    for name, fig, caption in figures(data):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        path = data.grid.plots / name
+        write_bytes(path, buf.getvalue())  # atomic: a reader never sees half a PNG
+        written.append((path, caption))
+    return written

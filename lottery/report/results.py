@@ -8,6 +8,7 @@ is skipped with a warning that names it: one damaged file must not hide the othe
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 import os
@@ -145,6 +146,21 @@ def point_history(result: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 # -- the dense run ---------------------------------------------------------------------------------
+def validation_size(grid: GridPaths) -> int | None:
+    """Images in the validation split the points are judged on (the dense run's settings.json
+    records the dataset's split sizes); None when the run's settings.json does not say."""
+    path = DenseRunPaths(grid.root.parent).settings
+    if not path.is_file():
+        return None
+    try:
+        record = read_json(path)
+        size = record["dataset"]["records"]["validation"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        log.warning("%s: no validation size (%s); report.md leaves it out", path, err)
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
 def dense_accuracy(grid: GridPaths) -> float | None:
     """The dense run's final validation accuracy (last row of its history.csv)."""
     path = DenseRunPaths(grid.root.parent).history
@@ -184,3 +200,56 @@ def early_bird_masks(run: DenseRunPaths) -> tuple[list[int], list[np.ndarray]]:
         return [], []
     epochs = sorted(masks)
     return epochs, [masks[e] for e in epochs]
+
+
+# -- everything a report is made of ------------------------------------------------------------------
+def rewind_order(plan: Mapping[str, Any], rows: list[dict]) -> list[str]:
+    """Rewind points of the magnitude points, in training order (the columns of their table)."""
+    positions = (plan.get("run") or {}).get("positions") or {}
+    seen = list(dict.fromkeys(r["rewind"] for r in rows
+                              if r["rewind"] is not None and r["kind"] != "structured"))
+    return sorted(seen, key=lambda r: (positions.get(r, math.inf), seen.index(r)))
+
+
+def planned_sparsities(plan: Mapping[str, Any]) -> list[float]:
+    """The one-shot sparsities the grid was planned with (`--sparsities`; for quantile grids the
+    planned masks' real sparsities), ascending."""
+    given = (plan.get("settings") or {}).get("sparsities")
+    if given:
+        return sorted(float(v) for v in given)
+    return sorted({round(float(t.sparsity), 6) for t in plan["tasks"]
+                   if t.kind == "oneshot" and t.control == "none" and t.sparsity is not None})
+
+
+def planned_imp_sparsities(plan: Mapping[str, Any]) -> list[float]:
+    """The sparsity after every planned IMP round, 1 - (1 - rate)^r, ascending."""
+    return sorted({round(1.0 - (1.0 - t.imp_rate) ** r, 6) for t in plan["tasks"]
+                   if t.kind == "imp" and 0.0 < t.imp_rate < 1.0 for r in range(1, t.imp_rounds + 1)})
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportData:
+    """What report.md, the tables and the plots are drawn from, read from files only."""
+
+    grid: GridPaths
+    plan: dict[str, Any]
+    records: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    rewinds: list[str]                     # magnitude points' rewind points, training order
+    dense: float | None                    # the dense run's final validation accuracy
+    validation_size: int | None            # images in the validation split
+    early_bird: dict[str, Any] | None      # the dense run's early_bird.json
+    early_bird_epochs: list[int]
+    early_bird_masks: list[np.ndarray]
+
+
+def read_report_data(grid_dir: str | os.PathLike) -> ReportData:
+    grid = GridPaths(Path(grid_dir))
+    plan = load_plan(grid.root)
+    records = read_records(grid)
+    rows = [result_row(r) for r in records]
+    run = DenseRunPaths(grid.root.parent)
+    eb_info = early_bird_info(run)
+    eb_epochs, eb_masks = early_bird_masks(run) if eb_info is not None else ([], [])
+    return ReportData(grid, plan, records, rows, rewind_order(plan, rows), dense_accuracy(grid),
+                      validation_size(grid), eb_info, eb_epochs, eb_masks)

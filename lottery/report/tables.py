@@ -24,14 +24,6 @@ _STRING_COLUMNS = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "
                    "criterion", "inference_runtime"}
 
 
-def rewind_order(plan: Mapping[str, Any], rows: list[dict]) -> list[str]:
-    """Rewind points of the magnitude points, in training order (the columns of their table)."""
-    positions = (plan.get("run") or {}).get("positions") or {}
-    seen = list(dict.fromkeys(r["rewind"] for r in rows
-                              if r["rewind"] is not None and r["kind"] != "structured"))
-    return sorted(seen, key=lambda r: (positions.get(r, math.inf), seen.index(r)))
-
-
 # -- results.csv / results.parquet -------------------------------------------------------------------
 def write_tables(grid: GridPaths, rows: list[dict[str, Any]]) -> None:
     """results.parquet and results.csv, one row per finished point (atomic writes)."""
@@ -168,3 +160,12 @@ def early_bird_summary(info: Mapping[str, Any]) -> str:
                if info.get("stopped_early") and info.get("epochs_planned") else "")
     return (f"Early-Bird ticket drawn at epoch {drawn} of {ran} epochs run ({settings}); the dense "
             f"run's checkpoint `{info.get('checkpoint')}` holds it.{stopped}\n")
+
+
+def validation_note(size: int | None) -> str:
+    """The report.md line on the validation set: its size and so the resolution of an accuracy."""
+    if not size:
+        return ("Validation set: size unknown (the dense run's settings.json does not record it), "
+                "so the resolution of an accuracy is unknown.")
+    return (f"Validation set: {size:,} images: every accuracy is a multiple of 1/{size:,} = "
+            f"{1.0 / size:.4g} ({100.0 / size:.3g} percentage points per image).")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import subprocess
 import time
 
 import pytest
@@ -40,6 +41,51 @@ def test_dry_run_chains_every_stage_with_afterok(tmp_path):
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
 
 
+def test_bad_stage_flags_are_refused_before_any_sbatch_line(tmp_path):
+    """The command as typed: each stage's own parser and settings refuse its flags in a second,
+    instead of jobs failing one after another hours later."""
+    done = subprocess.run(
+        [str(PYTHON), "-m", "bigticket", "slurm", "submit-pipeline", "--dataset", str(tmp_path / "ds"),
+         "--runs", str(tmp_path / "runs"), "--dry-run", "--etl=--resize banana",
+         "--train=--model resnet18 --rewind 0ep,banana", "--plan=--sparsities 1.5"],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == ""  # not one sbatch line
+    lines = done.stderr.splitlines()
+    assert lines[0] == "bigticket slurm submit-pipeline: error: stage flags refused, nothing submitted:"
+    refused = {line.split(" (")[0].strip(): line for line in lines[1:]}
+    assert list(refused) == ["--etl", "--train", "--plan"], done.stderr
+    assert "(bigticket etl prepare): --source is required" in refused["--etl"]
+    assert "(bigticket train dense): --model: unknown model 'resnet18'" in refused["--train"]
+    assert "--rewind: 'banana' is not a rewind point" in refused["--train"]
+    assert "(bigticket lottery plan): --sparsities: 1.5 must lie strictly between 0 and 1" in refused["--plan"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (["--etl=--source digits --resize banana"],
+     "--etl (bigticket etl prepare): --resize: expected fixed:N"),
+    (["--etl=--source digits --bogus"], "--etl (bigticket etl prepare): unrecognized arguments: --bogus"),
+    (["--train=--model conv_small --rewind 1ep", "--plan=--sparsities 0.5 --rewind init,2ep"],
+     "--plan (bigticket lottery plan): --rewind: 2ep not saved by the training stage (it saves "
+     "init, final, 1ep"),
+    (["--plan=--sparsities 0.5 --early-bird --channel-ratios 0.3"],
+     "--plan (bigticket lottery plan): --early-bird: the training stage does not run with --early-bird"),
+    (["--lottery-args=--strategy fast"], "--lottery-args (bigticket lottery run): argument --strategy: "
+                                         "invalid choice: 'fast'"),
+])
+def test_each_stage_is_checked_with_its_own_parser(tmp_path, flags, refused):
+    valid = {"--etl": "--source digits", "--train": "--model conv_small", "--plan": "--sparsities 0.5"}
+    given = {f.split("=")[0] for f in flags}
+    args = _args("--dataset", str(tmp_path / "ds"), "--runs", str(tmp_path / "runs"),
+                 *(f"{k}={v}" for k, v in valid.items() if k not in given), *flags, "--dry-run")
+    out = io.StringIO()
+    with pytest.raises(pipeline.SubmitError) as err:
+        pipeline.submit_pipeline(args, out=out)
+    assert refused in str(err.value) and out.getvalue() == ""
+    assert len(str(err.value).splitlines()) == 2  # only that stage is refused
+
+
 def test_bad_quoting_names_the_flag(tmp_path):
     args = _args("--dataset", "d", "--runs", "r", "--train=--model 'unclosed", "--dry-run")
     with pytest.raises(pipeline.SubmitError, match="--train"):
@@ -54,6 +100,7 @@ def test_a_failed_stage_stops_the_chain(slurm, tmp_path, monkeypatch):
     # Training on a dataset that does not exist fails fast; nothing after it may run.
     args = _args("--dataset", str(tmp_path / "missing"), "--runs", str(tmp_path / "runs"),
                  "--skip-etl", "--engine", "multiworker", "--train=--model conv_small",
+                 "--plan=--sparsities 0.5",
                  "--python", str(PYTHON), "--repo", str(REPO),
                  f"--sbatch=--kill-on-invalid-dep=yes --output={tmp_path}/%x-%j.out",
                  "--train-sbatch=--gpus-per-task=0 --nodes=1 --ntasks-per-node=1 --cpus-per-task=1",

@@ -1,3 +1,5 @@
+import os
+
 from common.cluster import pin_local_gpu, process_place
 
 
@@ -18,3 +20,19 @@ def test_pin_respects_existing_allocation(monkeypatch):
     assert pin_local_gpu(place) == "5"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert pin_local_gpu(place) is None
+
+
+def test_gpu_count_is_the_launchers_or_else_the_nodes(monkeypatch, tmp_path):
+    assert process_place({}).gpus_per_node is None  # not stated: node_gpus asks nvidia-smi
+    assert process_place({"SLURM_GPUS_ON_NODE": "4"}).gpus_per_node == 4
+    place = process_place({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1",
+                           "MPI_LOCALNRANKS": "2", "BIGTICKET_GPUS_PER_NODE": "4"})
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert pin_local_gpu(place) == "1"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert pin_local_gpu(place, share=True) == "2,3"  # two ranks on the node: half each
+    # Nothing stated and no nvidia-smi on PATH: a CPU node, nothing pinned.
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert pin_local_gpu(process_place({"PMI_RANK": "1", "PMI_SIZE": "2"})) is None
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

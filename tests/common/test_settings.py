@@ -86,5 +86,5 @@ def test_literal_errors_read_like_a_choice():
     class Choice:
         kind: Literal["a", "b"] = "a"
 
-    with pytest.raises(SettingsError, match=r"^invalid Choice: kind: invalid choice: 'c' \(choose from 'a', 'b'\)$"):
+    with pytest.raises(SettingsError, match=r"^invalid settings: kind: invalid choice: 'c' \(choose from 'a', 'b'\)$"):
         make_settings(Choice, {"kind": "c"})

@@ -1,6 +1,7 @@
 """The Spark ETL job end to end, with real Spark, real files and real task failures."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -14,8 +15,8 @@ import pytest
 from PIL import Image
 
 from common.paths import DatasetPaths
-from etl.job import EtlError, prepare
-from etl.manifest import load_manifest
+from etl.job import EtlError, dataset_hash, prepare
+from etl.manifest import DatasetUnusable, OutputDirError, check_output_dir, load_manifest
 from etl.settings import EtlSettings
 from etl.verify import verify_dataset
 
@@ -274,3 +275,134 @@ def test_job_runs_two_spark_jobs_and_enumerates_once(spark, tmp_path):
     assert sum(1 for info in ran if info is not None and info.numCompletedTasks > 0) == 1
     # Only the 3 train shards are written: no task for the empty validation split.
     assert max(info.numTasks for info in ran if info is not None) == 3
+
+
+# ------------------------------------------- a job that wrote (almost) nothing is not a success
+
+def _etl_cli(*argv: str) -> int:
+    """`bigticket etl prepare ...` in this process: the real parser and exit status, the shared
+    local Spark session (the CLI joins it)."""
+    import argparse
+
+    import etl.cli
+
+    parser = argparse.ArgumentParser(prog="bigticket etl")
+    etl.cli.add_arguments(parser)
+    return etl.cli.run(parser.parse_args(["prepare", *argv]))
+
+
+def test_urls_run_with_every_input_refused_fails_before_success(spark, tmp_path, capsys):
+    from tests.etl.http_server import TestServer
+    from tests.etl.test_sources_folder import image_bytes
+
+    with TestServer({f"i{i}": image_bytes(i) for i in range(10)}) as server:
+        listing = tmp_path / "urls.tsv"
+        listing.write_text("".join(f"n0{i % 2}\t{server.url(f'/img/i{i}')}\t"
+                                   f"{'validation' if i % 5 == 0 else 'train'}\n" for i in range(10)))
+        common = ["--source", "urls", "--input", str(listing), "--resize", "fixed:16",
+                  "--format", "tfrecord", "--shards", "2", "--validation-shards", "1",
+                  "--download-retries", "0"]
+        out = tmp_path / "refused"
+        assert _etl_cli(*common, "--out", str(out)) == 1  # a job failure, not a usage error (2)
+        stdout, stderr = capsys.readouterr()
+        assert stdout == ""  # no dataset path for a script to pick up
+        assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+        lines = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+        assert len(lines) == 10 and {q["reason"] for q in lines} == {"download_error"}
+        assert "bigticket etl prepare: failed:" in stderr
+        assert "split train is empty: none of its 8 input(s) was written" in stderr
+        assert "split validation is empty: none of its 2 input(s) was written" in stderr
+        assert "top quarantine reasons (10 of 10 inputs)" in stderr
+        assert "     10  download_error  e.g. http://127.0.0.1:" in stderr
+        assert "(allow_private_addresses is off)" in stderr and "--allow-private-addresses" in stderr
+        assert str(out / "quarantine.jsonl") in stderr
+        assert len(stderr.splitlines()) <= 24  # one screen
+
+        # Other settings into the same folder are refused, naming what to do; a new one works.
+        assert _etl_cli(*common, "--out", str(out), "--allow-private-addresses") == 2
+        assert "choose another --out or delete it" in capsys.readouterr().err
+        good = tmp_path / "allowed"
+        assert _etl_cli(*common, "--out", str(good), "--allow-private-addresses") == 0
+        assert capsys.readouterr().out == f"{good}\n"  # stdout is the dataset path, alone
+        assert load_manifest(good)["splits"]["train"]["records"] == 8
+
+
+def test_quarantined_fraction_above_the_threshold_fails_and_a_rerun_can_accept_it(spark, tmp_path):
+    """Digits with a byte cap that rejects some of them (too_large): above the threshold the job
+    fails before _SUCCESS; the threshold is not part of the dataset's identity, so the same
+    command with a higher one publishes the work already done instead of redoing it."""
+    out = tmp_path / "digits"
+    strict = _digits(out, format="tfrecord", max_image_bytes=125, max_quarantined_fraction=0.05)
+    with pytest.raises(DatasetUnusable) as failed:
+        prepare(strict, spark=spark)
+    text = str(failed.value)
+    assert "more than --max-quarantined-fraction 0.05" in text and "split train:" in text
+    assert "too_large  e.g. " in text and "bytes > max_image_bytes 125" in text
+    assert "-> raise --max-image-bytes" in text and "higher --max-quarantined-fraction" in text
+    assert not (out / "_SUCCESS").exists() and not (out / "manifest.json").exists()
+    quarantined = (out / "quarantine.jsonl").read_text().splitlines()
+    assert quarantined and all(json.loads(q)["reason"] == "too_large" for q in quarantined)
+    shards = {p: p.stat().st_mtime_ns for p in out.glob("*/part-*")}
+
+    relaxed = dataclasses.replace(strict, max_quarantined_fraction=0.9)
+    assert dataset_hash(relaxed) == dataset_hash(strict)
+    manifest = prepare(relaxed, spark=spark)
+    assert (out / "_SUCCESS").exists()
+    assert sum(s["quarantined"] for s in manifest["splits"].values()) == len(quarantined)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/part-*")} == shards  # nothing redone
+
+
+def test_dataset_hash_is_pinned_and_ignores_the_quarantine_threshold():
+    """Existing dataset directories keep their identity: the check-only fields are not hashed."""
+    assert dataset_hash(EtlSettings(source="digits", out="a")) == "8561a8d8"
+    assert dataset_hash(EtlSettings(source="digits", out="b", max_quarantined_fraction=0.9)) == "8561a8d8"
+    assert dataset_hash(EtlSettings(source="urls", input="u.tsv", out="c", resize="fixed:16",
+                                    train_shards=3, validation_shards=2)) == "fdb9148f"
+
+
+# ---------------------------------------------------------------- where the job may write
+
+def test_out_inside_or_equal_to_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    source = tmp_path / "imagenet"
+    (source / "train" / "n01").mkdir(parents=True)
+    (source / "train" / "n01" / "a.JPEG").write_bytes(b"x")
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    for out, where in ((source, "is --input"), (source / "in64", f"is inside --input {source}"),
+                       (source / "train" / ".." / "x", "is inside --input")):
+        assert _etl_cli("--source", "imagenet-folder", "--input", str(source),
+                        "--out", str(out)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"bigticket etl prepare: error: --out {out}: {where}"), err
+    (tmp_path / "link").symlink_to(source)  # resolved paths: a link to the source is the source
+    with pytest.raises(OutputDirError, match="is inside --input"):
+        check_output_dir(tmp_path / "link" / "out", source)
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
+def test_non_empty_out_without_a_manifest_is_refused_unless_it_is_our_unfinished_job(tmp_path):
+    out = tmp_path / "out"
+    check_output_dir(out, None)  # missing: fine
+    out.mkdir()
+    check_output_dir(out, None)  # empty: fine
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputDirError, match=r"--out .*/out: a non-empty folder that is not a "
+                                             r"bigticket dataset \(no manifest.json; notes.txt"):
+        check_output_dir(out, None)
+    (out / "notes.txt").unlink()
+    # What an unfinished job of ours leaves: the digits tree, split folders with shards and
+    # temporaries, committed sidecars, an atomic write's temporary.
+    (out / "_source" / "digits").mkdir(parents=True)
+    (out / "train").mkdir()
+    (out / "train" / "part-00000-of-00002.tfrecord").write_bytes(b"")
+    (out / "train" / ".part-00001-of-00002.tfrecord.x1y2.tmp").write_bytes(b"")
+    (out / "_staging" / "train").mkdir(parents=True)
+    (out / ".quarantine.jsonl.abc.tmp").write_bytes(b"")
+    check_output_dir(out, None)
+    (out / "train" / "n01440764").mkdir()  # an ImageNet tree is not ours, even under train/
+    with pytest.raises(OutputDirError, match="train/n01440764 not written by etl prepare"):
+        check_output_dir(out, None)
+    (out / "manifest.json").write_text("{}")  # a dataset: the job's identity check takes over
+    check_output_dir(out, None)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputDirError, match="exists and is not a folder"):
+        check_output_dir(tmp_path / "file", None)

@@ -159,6 +159,21 @@ def test_verify_passes_on_a_sound_dataset(dataset, spark, capsys):
     assert str(report) == report.format() and str(report).startswith(f"dataset {root}: OK (6 ")
 
 
+def test_empty_train_split_fails_verify(tmp_path, spark, capsys):
+    """Every other check holds for a split whose inputs were all quarantined: only this one fails."""
+    root = tmp_path / "ds"
+    build_dataset(root, rows_by_split={"train": [], "validation": make_rows(3, "validation")},
+                  shards={"train": 1, "validation": 1})
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args([str(root)])) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"dataset {root}: FAILED")
+    problems = [line for line in out.splitlines() if line.startswith("  problem: ")]
+    assert problems == ["  problem: manifest.json: split train is empty: none of its 2 input(s) "
+                        "was written"], out
+
+
 def test_verify_shard_works_without_spark(dataset):
     root, manifest = dataset
     for entry in manifest["splits"]["train"]["shards"]:

@@ -60,3 +60,63 @@ def test_a_failed_save_leaves_nothing_under_the_final_name(tmp_path):
         save_weights_atomic(model, tmp_path / "blocker")  # a directory cannot be replaced by a file
     assert not target.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["blocker"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(digits_dir, tmp_path_factory):
+    """A real one-epoch dense run with the rewind points 0ep (= init) and 1ep."""
+    from train.run import train_dense
+    from train.settings import DenseSettings
+
+    return train_dense(DenseSettings(data=str(digits_dir), model="conv_small",
+                                     model_options={"blocks": 1, "width": 0.125, "dense": 16},
+                                     out=str(tmp_path_factory.mktemp("runs")), epochs=1, batch_size=64,
+                                     lr=0.05, augment="none", rewind=("0ep", "1ep")))
+
+
+def test_identical_checkpoints_share_one_file(tiny_run, tmp_path):
+    import shutil
+
+    from common.paths import DenseRunPaths
+    from train.checkpoints import list_checkpoints, load_checkpoint
+
+    run = tiny_run
+    init, zero = run.checkpoint("init"), run.checkpoint("0ep")
+    assert init.stat().st_ino == zero.stat().st_ino and init.stat().st_nlink >= 2
+    assert init.stat().st_ino != run.checkpoint("1ep").stat().st_ino  # trained: other bytes
+    assert not [p.name for p in run.checkpoints.iterdir() if p.name.startswith(".")]  # no temporaries
+    for name in ("init", "0ep"):
+        for a, b in zip(load_checkpoint(run.root, name).get_weights(),
+                        load_checkpoint(run.root, "init").get_weights()):
+            np.testing.assert_array_equal(a, b)
+    # Deleting one name leaves the other whole (on a copy: the module's run stays intact).
+    copy = DenseRunPaths(tmp_path / run.root.name)
+    shutil.copytree(run.root, copy.root)
+    expected = copy.checkpoint("0ep").read_bytes()
+    copy.checkpoint("init").unlink()
+    assert copy.checkpoint("0ep").read_bytes() == expected
+    assert "init" not in list_checkpoints(copy)
+    load_checkpoint(copy.root, "0ep")
+
+
+def test_a_checkpoint_with_other_bytes_is_its_own_file(tmp_path):
+    import keras
+
+    from common.paths import DenseRunPaths
+    from train.checkpoints import save_checkpoint
+
+    run = DenseRunPaths(tmp_path / "dense-x")
+    keras.utils.set_random_seed(0)
+    model = build_model("lenet_300_100", 3, 4)
+    save_checkpoint(model, run, "init")
+    save_checkpoint(model, run, "0ep")
+    assert run.checkpoint("init").stat().st_ino == run.checkpoint("0ep").stat().st_ino
+    model.set_weights([w + 1 for w in model.get_weights()])  # same size, other bytes
+    save_checkpoint(model, run, "1ep")
+    assert run.checkpoint("1ep").stat().st_size == run.checkpoint("init").stat().st_size
+    assert run.checkpoint("1ep").stat().st_ino != run.checkpoint("init").stat().st_ino
+    # Re-saving a name that is a link replaces the name only: the twin keeps its bytes.
+    before = run.checkpoint("init").read_bytes()
+    save_checkpoint(model, run, "0ep")
+    assert run.checkpoint("init").read_bytes() == before
+    assert run.checkpoint("0ep").stat().st_ino == run.checkpoint("1ep").stat().st_ino

@@ -63,13 +63,13 @@ def bird_run(digits_dir, tmp_path_factory):
 
 # ------------------------------------------------------------------------------------- settings
 @pytest.mark.parametrize("extra, message", [
-    (["--model", "lenet_300_100", "--early-bird"], "early_bird: model 'lenet_300_100' has no BatchNorm"),
-    (["--model", "conv_small", "--bn-l1", "1e-4"], "bn_l1: model 'conv_small' has no BatchNorm"),
-    (["--early-bird", "--early-bird-ratio", "1.0"], "early_bird_ratio"),
-    (["--early-bird", "--early-bird-ratio", "0"], "early_bird_ratio"),
-    (["--early-bird", "--early-bird-window", "1"], "early_bird_window"),
-    (["--stop-at-early-bird"], "stop_at_early_bird: needs early_bird"),
-    (["--bn-l1", "-1"], "bn_l1"),
+    (["--model", "lenet_300_100", "--early-bird"], "--early-bird: model 'lenet_300_100' has no BatchNorm"),
+    (["--model", "conv_small", "--bn-l1", "1e-4"], "--bn-l1: model 'conv_small' has no BatchNorm"),
+    (["--early-bird", "--early-bird-ratio", "1.0"], "--early-bird-ratio: Input should be less than 1"),
+    (["--early-bird", "--early-bird-ratio", "0"], "--early-bird-ratio: Input should be greater than 0"),
+    (["--early-bird", "--early-bird-window", "1"], "--early-bird-window: Input should be greater than or equal to 2"),
+    (["--stop-at-early-bird"], "--stop-at-early-bird: needs --early-bird"),
+    (["--bn-l1", "-1"], "--bn-l1: Input should be greater than or equal to 0"),
     (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
 ])
 def test_bad_early_bird_settings_fail_before_training(digits_dir, tmp_path, capsys, extra, message):

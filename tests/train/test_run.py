@@ -202,7 +202,8 @@ def test_classes_that_do_not_match_the_model_and_broken_datasets_are_refused(
     config = tmp_path / "dense.yaml"
     config.write_text("num_classes: 5\nepochs: 1\n")
     assert main(_args(digits_dir, tmp_path / "runs", "--config", str(config))) == 2
-    assert "num_classes: the model is set for 5 classes but dataset" in capsys.readouterr().err
+    # named as the user gave it: the key and the file
+    assert f"num_classes in {config}: the model is set for 5 classes but dataset" in capsys.readouterr().err
     (digits_copy / "_SUCCESS").unlink()
     assert main(_args(digits_copy, tmp_path / "runs", "--epochs", "1")) == 2
     assert f"{digits_copy / '_SUCCESS'}: missing" in capsys.readouterr().err

@@ -4,12 +4,15 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from common.atomic import read_json, write_json
 from common.paths import GridPaths
@@ -163,7 +166,7 @@ def test_status_shows_progress_running_claims_and_eta(tmp_path):
         progress = grid_progress(grid.root, stale_after=2)
     worker.communicate(timeout=60)
     assert worker.returncode == 0
-    assert (progress["total"], progress["done"], progress["pending"]) == (3, 1, 2)
+    assert (progress["total"], progress["done"], progress["pending"]) == (3, 1, 1)  # 1 running
     assert [r["task_id"] for r in progress["running"]] == ["p001"]
     assert progress["running"][0]["owner"].startswith(socket.gethostname())
     # ETA from the measured rate: 3 s per 3.0 of cost, 2.1 of cost left, one worker: about 2.1 s.
@@ -171,3 +174,39 @@ def test_status_shows_progress_running_claims_and_eta(tmp_path):
     after = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
     assert "points done: 3/3" in after.stdout and "running: 0" in after.stdout
     assert "ETA: 0s (complete)" in after.stdout
+
+
+@pytest.mark.cluster
+def test_status_under_mpi_shows_each_running_point_with_its_rank_and_host(tmp_path):
+    """Rank 0 claims for every rank: the claims name the rank and host that run each point, and
+    running points are counted as running, not pending."""
+    from lottery.report.progress import format_progress, grid_progress
+
+    grid = make_sleep_grid(tmp_path, [6.0, 6.0, 6.0, 0.2, 0.2, 0.2])
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    cmd = [str(mpiexec), "-n", "3", sys.executable, "-m", "mpi4py", "-m", "lottery", "run",
+           "--grid", str(grid.root), "--executor", EXECUTOR]
+    job = subprocess.Popen(cmd, cwd=REPO, env={**_env(), "CUDA_VISIBLE_DEVICES": ""},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    progress = grid_progress(grid.root)
+    while len(progress["running"]) < 3 and time.time() < deadline and job.poll() is None:
+        time.sleep(0.05)
+        progress = grid_progress(grid.root)
+    status = subprocess.run([sys.executable, "-m", "lottery", "status", "--grid", str(grid.root)],
+                            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err[-3000:]
+    running = progress["running"]
+    assert sorted(r["rank"] for r in running) == [0, 1, 2], progress
+    assert {r["host"] for r in running} == {socket.gethostname()}
+    assert len({r["pid"] for r in running}) == 3     # each rank's own process, not rank 0's
+    assert (progress["done"], progress["pending"]) == (0, 3)   # 6 points: 3 running, 3 pending
+    assert "points done: 0/6 (3 running, 3 pending)" in format_progress(progress)
+    # the same from the command, polled while the job ran
+    assert "points done: 0/6 (3 running, 3 pending)" in status.stdout, status.stdout
+    for rank in (1, 2):
+        assert re.search(rf"rank {rank} on {re.escape(socket.gethostname())} \(pid \d+\)",
+                         status.stdout), status.stdout
+    # and `lottery run` said where it runs without claiming a GPU the host does not have
+    assert "CPU (no GPU visible)" in err and "GPU 0" not in err

@@ -290,7 +290,7 @@ def test_cli_plan_structured_flags(dense_run, capsys):
     (task,) = load_plan(grid.root)["tasks"]
     assert (task.kind, task.rewind, task.ratio, task.criterion) == ("structured", "1ep", 0.5, "l1")
     assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5,1.2", "--draw", "1ep"]) == 2
-    assert "channel_ratios: 1.2 must lie strictly between 0 and 1" in capsys.readouterr().err
+    assert "--channel-ratios: 1.2 must lie strictly between 0 and 1" in capsys.readouterr().err
     assert main(["plan", "--run", str(dense_run.root), "--channel-ratios", "0.5", "--criterion", "l1",
                  "--early-bird"]) == 2
     assert "early_bird.json does not exist" in capsys.readouterr().err
@@ -335,3 +335,62 @@ def test_plan_itself_refuses_values_that_would_share_an_id(dense_run):
     with pytest.raises(SettingsError, match=r"sparsities: 0.50004 and 0.5 would share the id 'global-s5000'"):
         plan(dense_run.root, settings)
     assert sorted(dense_run.root.glob("lottery-*")) == grids
+
+
+def test_lr_schedule_from_default_keeps_grid_names_and_fresh_is_recorded(dense_run):
+    base = {"sparsities": [0.5, 0.9], "epochs": 3}
+    default = make_settings(GridSettings, base)
+    assert default.lr_schedule_from == "rewind"
+    assert grid_hash(default) == "3bedd9a6"  # the pinned name of test_imp_only_grid_and_pinned_hash
+    fresh = make_settings(GridSettings, {**base, "lr_schedule_from": "fresh"})
+    assert grid_hash(fresh) != grid_hash(default)
+    assert "lr_schedule_from" not in load_plan(plan(dense_run.root, default).root)["settings"]
+    assert load_plan(plan(dense_run.root, fresh).root)["settings"]["lr_schedule_from"] == "fresh"
+    with pytest.raises(SettingsError, match="lr_schedule_from"):
+        make_settings(GridSettings, {**base, "lr_schedule_from": "restart"})
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "step"])
+def test_fresh_schedule_anneals_within_the_retraining_epochs(schedule):
+    from lottery.points.recipe import retraining_lr
+    from train.schedules import lr_at
+    from train.settings import DenseSettings
+
+    dense = DenseSettings(data="unused", model="lenet_300_100", epochs=30, lr=0.1,
+                          lr_schedule=schedule, warmup_epochs=2,
+                          lr_decay_epochs=(10, 20) if schedule == "step" else ())
+    dense_rates = [lr_at(dense, e) for e in range(30)]
+    fresh = [retraining_lr(dense, 3, 1.0, "fresh")(e) for e in range(3)]
+    assert fresh[0] == dense_rates[0] and fresh[-1] == pytest.approx(dense_rates[-1])  # start to end
+    assert fresh[1] > fresh[2]  # after the warm-up, down to the end
+    rewind = [retraining_lr(dense, 3, 1.0, "rewind")(e) for e in range(3)]
+    assert rewind == [lr_at(dense, e) for e in (1.0, 2.0, 3.0)]  # continued, far from annealed
+    assert min(rewind) > 10 * dense_rates[-1]
+    # As many epochs as the dense run: both replay the dense schedule exactly.
+    assert [retraining_lr(dense, 30, 0.0, "fresh")(e) for e in range(30)] == pytest.approx(dense_rates)
+    assert [retraining_lr(dense, 30, 0.0, "rewind")(e) for e in range(30)] == dense_rates
+
+
+@pytest.mark.slow
+def test_a_retrained_point_follows_the_chosen_schedule(digits_dir, tmp_path):
+    """Real dense run (cosine, 3 epochs), real grid points retrained 2 epochs: `fresh` ends at the
+    dense run's last rate, the default `rewind` stops at its second."""
+    import csv
+
+    from lottery.grid.scheduler import run_grid
+    from train.run import train_dense
+    from train.settings import DenseSettings
+
+    run = train_dense(DenseSettings(data=str(digits_dir), model="lenet_300_100", out=str(tmp_path),
+                                    epochs=3, batch_size=64, lr=0.05, lr_schedule="cosine",
+                                    augment="none"))
+    with open(run.history, newline="") as fh:
+        dense_lr = [float(row["lr"]) for row in csv.DictReader(fh)]
+    assert dense_lr[0] > dense_lr[1] > dense_lr[-1]
+    for schedule, want in (("fresh", [dense_lr[0], dense_lr[-1]]), ("rewind", dense_lr[:2])):
+        grid = plan(run.root, make_settings(GridSettings, {"sparsities": [0.5], "epochs": 2,
+                                                           "lr_schedule_from": schedule}))
+        assert len(run_grid(grid.root).executed) == 1
+        (result_file,) = grid.results.glob("*.json")
+        history = read_json(result_file)["result"]["history"]
+        assert [row["lr"] for row in history] == pytest.approx(want, rel=1e-6), schedule

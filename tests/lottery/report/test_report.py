@@ -2,56 +2,18 @@
 from __future__ import annotations
 
 import csv
-import functools
 import json
 import logging
 
 import pytest
 
 from common.atomic import read_json
-from common.paths import DenseRunPaths, GridPaths
-from common.settings import make_settings, settings_to_dict
-from lottery.grid.plan import build_tasks, write_plan
-from lottery.grid.scheduler import run_grid
-from lottery.grid.settings import GridSettings
-from lottery.grid.simulate import expected_accuracy, sleep_point
+from common.paths import GridPaths
+from lottery.grid.simulate import expected_accuracy
 from lottery.report.build import build_report
 from lottery.report.progress import grid_progress
 from lottery.report.results import result_row
 from lottery.report.tables import accuracy_table
-
-POSITIONS = {"init": 0.0, "1ep": 1.0, "final": 4.0}
-
-
-@pytest.fixture(scope="module")
-def finished_grid(tmp_path_factory):
-    """A grid as `plan` lays it out (sparsities x rewinds x controls, plus IMP chains), run to the
-    end in this process by the claims scheduler with the sleep workload."""
-    run = DenseRunPaths(tmp_path_factory.mktemp("runs") / "dense-feedbeef")
-    run.root.mkdir()
-    run.history.write_text("epoch,loss,accuracy,val_loss,val_accuracy\n1,0.9,0.7,0.8,0.81\n"
-                           "2,0.5,0.9,0.4,0.93\n")
-    settings = make_settings(GridSettings, {"sparsities": [0.5, 0.8, 0.9, 0.95], "epochs": 4,
-                                            "rewind": ["final", "init", "1ep"],
-                                            "controls": ["random_reinit", "random_mask"],
-                                            "imp_rounds": 4, "imp_rate": 0.5})
-    sparsity = {}
-    for _kind, value in settings.thresholds:
-        sparsity[f"global-s{int(round(value * 10000)):04d}"] = value
-    tasks = build_tasks(settings, POSITIONS, _RandomAware(sparsity))
-    grid = write_plan(GridPaths(run.root / "lottery-test"), settings_to_dict(settings), tasks,
-                      extra={"run": {"positions": POSITIONS}})
-    summary = run_grid(grid.root, execute=functools.partial(sleep_point, run.root, grid.root,
-                                                            settings=settings_to_dict(settings)))
-    assert len(summary.executed) == len(tasks) == 4 * 3 * 3 + 3
-    return grid
-
-
-class _RandomAware(dict):
-    """mask id -> sparsity, where a random twin has its base mask's sparsity."""
-
-    def __missing__(self, key):
-        return self[key.split("-random")[0]]
 
 
 def test_tables_have_one_row_per_point(finished_grid):
@@ -115,6 +77,7 @@ def test_partial_grid_and_bad_result_files(finished_grid, tmp_path):
     out = build_report(grid.root)
     assert out["rows"] == 9 and out["total"] == 39
     assert out["dense_accuracy"] is None  # no history.csv beside this copy
+    assert out["validation_size"] is None and "Validation set: size unknown" in out["report"].read_text()
     progress = grid_progress(grid.root)
     assert progress["done"] == 9 and progress["pending"] == 30 and progress["eta_seconds"] is not None
 
