@@ -91,6 +91,20 @@ def separate_stderr_under_spark_submit() -> None:
     atexit.register(_stop_forwarding, merged_fd, _forwarding)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is emitted, not when the handler was made: a
+    stream replaced later (contextlib.redirect_stderr, a test's capture) and since closed would
+    otherwise turn every log line into a logging error."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(level: str | int | None = None, rank: int | None = None) -> None:
     """Configure the root logger once; BIGTICKET_LOG_LEVEL overrides the default INFO."""
     separate_stderr_under_spark_submit()
@@ -99,7 +113,7 @@ def setup_logging(level: str | int | None = None, rank: int | None = None) -> No
     for handler in list(root.handlers):
         if getattr(handler, "_bigticket", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler()
+    handler = _CurrentStderrHandler()
     handler._bigticket = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     handler.addFilter(_RankFilter(rank))
