@@ -18,6 +18,7 @@ STAGES = {
     "train": ("train.cli", "dense training (Elephas over Spark, tf.distribute)"),
     "lottery": ("lottery.cli", "masks x rewind grids, run over MPI or job arrays"),
     "report": ("lottery.report_cli", "tables and plots of a lottery grid"),
+    "quantize": ("deploy.cli", "LiteRT exports (float32/float16/int8) of a run, point or grid, measured"),
     "slurm": ("bigticket.slurm", "submit the whole pipeline to SLURM as a dependency chain"),
     "demo": ("bigticket.demo", "the whole pipeline on the embedded digits dataset"),
 }

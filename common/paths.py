@@ -183,6 +183,10 @@ class GridPaths:
         """The same model exported for CPU deployment (LiteRT flatbuffer, the batch it was timed at)."""
         return self.models / f"{task_id}.tflite"
 
+    def point_target(self, task_id: str) -> Path:
+        """Where `bigticket quantize` puts a point's LiteRT exports (QuantizedPaths)."""
+        return self.models / task_id
+
     @property
     def results_parquet(self) -> Path:
         return self.root / "results.parquet"
@@ -241,3 +245,35 @@ class VaeStudyPaths:
     @property
     def results_csv(self) -> Path:
         return self.root / "results.csv"
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedPaths:
+    """<target>/quantized/: a model's LiteRT exports and their measurements (`bigticket quantize`).
+
+    The target of a dense run is the run directory for its final weights and
+    `checkpoint-<label>/` inside it for another checkpoint; of a grid point `models/<task_id>/`."""
+
+    target: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "target", Path(self.target))
+
+    @classmethod
+    def for_run(cls, run: DenseRunPaths, label: str = "final") -> "QuantizedPaths":
+        return cls(run.root if label == "final" else run.root / f"checkpoint-{label}")
+
+    @classmethod
+    def for_point(cls, grid: GridPaths, task_id: str) -> "QuantizedPaths":
+        return cls(grid.point_target(task_id))
+
+    @property
+    def root(self) -> Path:
+        return self.target / "quantized"
+
+    def model(self, variant: str) -> Path:
+        return self.root / f"{variant}.tflite"
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"

@@ -18,10 +18,12 @@ from common.cli import SettingsFlags, remember_prog, usage_error
 from common.cluster import process_place
 from common.logs import setup_logging
 from common.native_logs import quiet_tensorflow
-from common.settings import SettingsError
+from common.settings import SettingsError, make_settings, settings_to_dict
+from lottery.grid import robustness_plan
 from lottery.grid.claims import DEFAULT_HEARTBEAT, DEFAULT_STALE_AFTER
 from lottery.grid.coordinator import DEFAULT_SILENCE_TIMEOUT, MPI_HEARTBEAT
 from lottery.grid.plan import load_final_weights, plan, read_run
+from lottery.grid.replicate_runs import replicate_run_names
 from lottery.grid.scheduler import DEFAULT_EXECUTOR, GridPreempted, WorldSizeError, run_grid
 from lottery.grid.settings import GridSettings
 from lottery.prune.stats import format_stats_table, weight_stats
@@ -33,7 +35,9 @@ log = logging.getLogger(__name__)
 PLAN_FLAGS = SettingsFlags(
     GridSettings, preset_stage="grid", exclusive=[("sparsities", "quantiles")],
     groups={"structured pruning (channels removed, network compacted)": (
-        "channel_ratios", "criterion", "channel_scope", "channel_round_to", "draw", "early_bird")})
+        "channel_ratios", "criterion", "channel_scope", "channel_round_to", "draw", "early_bird"),
+        "replicates and retraining modes": (
+            "replicates", "replicate_runs", "retrain_modes", "finetune_lr")})
 
 
 def _positive(text: str) -> float:
@@ -48,7 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     plan_parser = sub.add_parser(
         "plan", help="write a grid's settings, weight statistics, masks and tasks")
-    plan_parser.add_argument("--run", required=True, type=Path, help="finished dense run directory")
+    plan_parser.add_argument("--run", required=True, type=Path, action="append",
+                             help="finished dense run directory; give it again for replicate dense "
+                                  "runs of the same configuration (other seeds, same --out): "
+                                  "replicate r retrains the r-th run, the grid sits under the first")
     plan_parser.add_argument("--config", type=Path,
                              help="JSON/YAML file of grid settings (flags override)")
     plan_parser.add_argument("--preset", metavar="NAME",
@@ -78,6 +85,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="MPI: abort when a busy rank (or rank 0) is silent this long "
                           "(default: %(default)g)")
 
+    robustness_plan.add_arguments(sub.add_parser(
+        "robustness", help="plan robustness tasks (finished points x epsilons) for `lottery run`"))
+
     vae = sub.add_parser("vae-study", help="VAE neuron-pruning study: l1/l2/fpgm x ratios, loss "
                                            "split before/after pruning and fine-tuning")
     vae_cli.add_arguments(vae)
@@ -98,7 +108,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _plan(args) -> int:
     settings = PLAN_FLAGS.resolve(args)
-    grid = plan(args.run, settings)
+    first, *others = args.run
+    if others:
+        if settings.replicate_runs:
+            raise SettingsError("--run: give replicate dense runs either as repeated --run or as "
+                                "--replicate-runs, not both")
+        # --replicates, if given, must agree (GridSettings names it otherwise)
+        settings = make_settings(GridSettings, {**settings_to_dict(settings),
+                                                "replicate_runs": replicate_run_names(first, others)})
+    grid = plan(first, settings)
     log.info("weight statistics of the final weights:\n%s", format_stats_table(read_json(grid.stats)))
     print(grid.root)
     return 0
@@ -136,7 +154,8 @@ def _status(args) -> int:
 
 def run(args) -> int:
     commands = {"plan": _plan, "run": _run, "stats": _stats, "status": _status,
-                "vae-study": vae_cli.run}
+                "vae-study": vae_cli.run,
+                "robustness": robustness_plan.run}
     try:
         return commands[args.command](args)
     except (SettingsError, FileNotFoundError, WorldSizeError, ValueError) as err:

@@ -21,7 +21,8 @@ def run(args) -> int:
         return usage_error(args, err)
     dense = "unknown" if out["dense_accuracy"] is None else f"{out['dense_accuracy']:.4f}"
     print(f"{out['grid']}: {out['rows']}/{out['total']} points; dense accuracy {dense}\n")
-    for table in (out["table"], out["imp_table"], out["structured_table"]):
+    for table in (out["table"], out.get("paired_table"), out.get("modes_table"), out["imp_table"],
+                  out["structured_table"], out.get("compression_table")):
         if table:
             print(table)
     for path in (out["report"], out["csv"], out["parquet"], *out["plots"]):

@@ -14,6 +14,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, also on GPU hosts
 
 
+# `make test` spreads the tests over two pytest-xdist workers (--dist loadgroup). These share
+# one machine-wide resource each and so run in one worker: the SLURM test cluster (slurmd,
+# slurmctld, its spool) and the faked 4-GPU node's claim locks.
+_ONE_WORKER = {"cluster": ("tests/cluster/", "tests/train/test_gpu_binding.py")}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        where = Path(str(item.path)).as_posix()
+        for group, prefixes in _ONE_WORKER.items():
+            if any(f"/{prefix}" in where for prefix in prefixes):
+                item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def spark():
     """One local[2] SparkSession shared by all tests (Spark allows one context per process).

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("common", "etl", "train", "lottery", "bigticket")  # lowest first
+PACKAGES = ("common", "etl", "train", "lottery", "deploy", "bigticket")  # lowest first
 
 # lottery's layers, lowest first: each may import itself and those before it; vae stands beside
 # points (it may use prune only).

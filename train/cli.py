@@ -31,6 +31,10 @@ FLAGS = SettingsFlags(DenseSettings, preset_stage="dense", groups={
     "network slimming and Early-Bird tickets": (
         "bn_l1", "early_bird", "early_bird_ratio", "early_bird_window", "early_bird_threshold",
         "stop_at_early_bird"),
+    "gradual magnitude pruning (train.gmp)": (
+        "gmp_schedule", "gmp_initial_sparsity", "gmp_final_sparsity", "gmp_begin_step",
+        "gmp_end_step", "gmp_power", "gmp_frequency", "gmp_scope", "gmp_exclude",
+        "gmp_prune_depthwise"),
 })
 
 

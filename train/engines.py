@@ -16,7 +16,14 @@ from typing import Any, Callable, Protocol, Sequence
 from common.spark import get_spark
 from train.data import DatasetInfo, make_dataset
 from train.elephas_engine import DriverMemoryError, SparkDataParallel
-from train.local_engine import LocalEngine, compile_kwargs, evaluate_model, model_builder, optimizer_builder
+from train.local_engine import (
+    LocalEngine,
+    applied_steps,
+    compile_kwargs,
+    evaluate_model,
+    model_builder,
+    optimizer_builder,
+)
 from train.settings import DenseSettings
 from train.spark_worker import StateIO
 
@@ -97,12 +104,13 @@ class ElephasEngine:
         gpus_per_task = max(0, math.ceil(float(amount)))  # a shared GPU (0.25) still needs pinning
         # The tasks' devices set the precision, for the driver's copy too (same variables).
         model_factory = model_builder(s, info.num_classes, devices=["GPU"] if gpus_per_task else ["CPU"])
-        optimizer_factory = optimizer_builder(s)
-        self.dp = SparkDataParallel(spark, model_factory, optimizer_factory, compile_kwargs(),
+        optimizer_factory = optimizer_builder(s, gmp=True)  # growing masks when GMP is on
+        self.dp = SparkDataParallel(spark, model_factory, optimizer_factory,
+                                    compile_kwargs(info.num_classes),
                                     dataset_factory, s.workers, averaging_steps=self.averaging,
                                     gpus_per_task=gpus_per_task, shards=files if by_file else None)
         self.model = model_factory()
-        self.model.compile(optimizer=optimizer_factory(), **compile_kwargs())
+        self.model.compile(optimizer=optimizer_factory(), **compile_kwargs(info.num_classes))
         self.model.optimizer.build(self.model.trainable_variables)
         self._io = None   # StateIO of self.model, made on the first round
         # Refused here (DriverMemoryError), before the run directory or any round, when a
@@ -135,6 +143,7 @@ class ElephasEngine:
     def train_epoch(self, epoch: int, lr: float, stops: Sequence[int] = (),
                     at_stop: Callable[[int], None] | None = None) -> dict[str, float]:
         spe = self.steps_per_epoch
+        applied0 = applied_steps(self.model)  # iterations average to the largest worker's
         t0 = time.perf_counter()
         results = []
         if self.averaging is None:
@@ -152,10 +161,13 @@ class ElephasEngine:
                     at_stop(step)
         records = sum(r.records for r in results)
         metrics = {name: sum(r.metrics[name] * r.records for r in results) / records
-                   for name in ("loss", "accuracy") if all(name in r.metrics for r in results)}
+                   for name in ("loss", "accuracy", "top5_accuracy")
+                   if all(name in r.metrics for r in results)}
         elapsed = time.perf_counter() - t0
         metrics["images_per_s"] = records / elapsed if elapsed > 0 else 0.0
         metrics["round_fixed_cost_s"] = sum(r.metrics["fixed_cost_s"] for r in results) / len(results)
+        # Steps loss scaling skipped on the worker that applied the most (mixed_float16).
+        metrics["skipped_steps"] = max(0, spe - (applied_steps(self.model) - applied0))
         return metrics
 
     def evaluate(self) -> dict[str, float]:

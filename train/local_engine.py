@@ -18,7 +18,9 @@ import time
 from typing import Callable, Sequence
 
 from common.cluster import pin_local_gpu, process_place, tf_config_place
+from train import adversarial
 from train.data import DatasetInfo, make_dataset
+from train.metrics import TOP5, compile_metrics, has_top5, top5_correct
 from train.models import build_model
 from train.settings import DenseSettings
 
@@ -96,29 +98,46 @@ def _set_precision(mixed: bool, devices: Sequence[str] | None = None) -> str:
     return policy
 
 
-def optimizer_builder(settings: DenseSettings) -> Callable:
+def optimizer_builder(settings: DenseSettings, *, gmp: bool = False) -> Callable:
     """A zero-argument factory of the run's optimizer at the base learning rate (the driver sets
-    the rate per epoch); captures plain values only, so cloudpickle ships it to Spark workers."""
+    the rate per epoch); captures plain values only, so cloudpickle ships it to Spark workers.
+    gmp=True (the dense engines of a run with a GMP schedule): the growing-mask optimizer of
+    train.masked_optimizer, holding one mask variable per pruned kernel."""
     kind, lr, momentum = settings.optimizer, settings.lr, settings.momentum
     wd = settings.weight_decay or None  # decoupled weight decay, applied by the optimizer
+    gmp = gmp and settings.gmp_schedule != "none"
+    exclude, depthwise = tuple(settings.gmp_exclude), settings.gmp_prune_depthwise
 
     def factory():
         import keras
 
         if kind == "sgd":
-            return keras.optimizers.SGD(learning_rate=lr, momentum=momentum, weight_decay=wd)
-        return keras.optimizers.Adam(learning_rate=lr, weight_decay=wd)
+            optimizer = keras.optimizers.SGD(learning_rate=lr, momentum=momentum, weight_decay=wd)
+        else:
+            optimizer = keras.optimizers.Adam(learning_rate=lr, weight_decay=wd)
+        if gmp:
+            from train.masked_optimizer import gmp_optimizer
+
+            optimizer = gmp_optimizer(optimizer, exclude, depthwise)
+        return optimizer
 
     return factory
 
 
-def make_optimizer(settings: DenseSettings):
-    return optimizer_builder(settings)()
+def make_optimizer(settings: DenseSettings, *, gmp: bool = False):
+    return optimizer_builder(settings, gmp=gmp)()
 
 
-def compile_kwargs() -> dict:
-    """loss/metrics every engine compiles with (models output softmax probabilities)."""
-    return {"loss": "sparse_categorical_crossentropy", "metrics": ["accuracy"]}
+def applied_steps(model) -> int:
+    """Optimizer updates applied so far: a step that loss scaling skips (non-finite gradients)
+    does not count (Keras advances the inner optimizer's iterations only on applied steps)."""
+    return int(getattr(model.optimizer, "inner_optimizer", model.optimizer).iterations.numpy())
+
+
+def compile_kwargs(num_classes: int | None = None) -> dict:
+    """loss/metrics every engine compiles with (models output softmax probabilities); top-5
+    accuracy too when `num_classes` makes it meaningful (train.metrics)."""
+    return {"loss": "sparse_categorical_crossentropy", "metrics": compile_metrics(num_classes)}
 
 
 def set_learning_rate(model, lr: float) -> None:
@@ -140,13 +159,16 @@ def model_builder(settings: DenseSettings, num_classes: int,
     name, options, size, seed = settings.model, dict(settings.model_options), settings.input_size, settings.seed
     mixed, bn_l1 = settings.mixed_precision, settings.bn_l1
     devices = None if devices is None else list(devices)
+    attack = adversarial.config_from(settings)  # None: natural training
 
     def factory():
         import keras
 
         _set_precision(mixed, devices)  # also on Spark executors, which never ran configure_tensorflow
         keras.utils.set_random_seed(seed)
-        return build_model(name, num_classes, size, bn_l1=bn_l1, **options)
+        # Adversarial training lives in the model's own train step, so every engine runs it.
+        return adversarial.install(build_model(name, num_classes, size, bn_l1=bn_l1, **options),
+                                   attack, seed)
 
     return factory
 
@@ -250,7 +272,8 @@ class LocalEngine:
                              f"per worker on {info.records['train']} records")
         with self.strategy.scope():
             self.model = model_builder(settings, info.num_classes)()
-            self.model.compile(optimizer=make_optimizer(settings), **compile_kwargs())
+            self.model.compile(optimizer=make_optimizer(settings, gmp=True),
+                               **compile_kwargs(info.num_classes))
             # Slots exist before any step, so the init checkpoint holds the optimizer at step 0.
             self.model.optimizer.build(self.model.trainable_variables)
         log.info("engine %s: %d replica(s), worker %d of %d, %d steps per epoch",
@@ -280,6 +303,7 @@ class LocalEngine:
         callbacks = [_count_steps(done)]
         if stops and at_stop is not None:
             callbacks.append(_stop_at_steps(epoch * self.steps_per_epoch, stops, at_stop))
+        applied0 = applied_steps(self.model)
         t0 = time.perf_counter()
         if self.num_workers > 1:
             metrics = self._multiworker_epoch(self._train_data(epoch), callbacks)
@@ -296,6 +320,8 @@ class LocalEngine:
         images = (self.info.records["train"] if self.num_workers == 1
                   else self.steps_per_epoch * self.settings.batch_size * self.num_workers)
         metrics["images_per_s"] = images / elapsed if elapsed > 0 else 0.0
+        # Steps loss scaling skipped (mixed_float16): the batch counted, no update was applied.
+        metrics["skipped_steps"] = self.steps_per_epoch - (applied_steps(self.model) - applied0)
         return metrics
 
     def _multiworker_epoch(self, dataset, callbacks) -> dict[str, float]:
@@ -308,6 +334,7 @@ class LocalEngine:
         global_batch = self.settings.batch_size * self.num_workers
         if getattr(self, "_step_fn", None) is None:
             def replica_step(x, y):
+                x = adversarial.adversarial_inputs(model, x, y)  # x itself unless adversarial
                 with tf.GradientTape() as tape:
                     probs = model(x, training=True)
                     per_example = keras.losses.sparse_categorical_crossentropy(y, probs)
@@ -319,27 +346,32 @@ class LocalEngine:
                 correct = tf.reduce_sum(tf.cast(tf.equal(
                     tf.argmax(probs, axis=-1, output_type=tf.int32), tf.cast(y, tf.int32)),
                     tf.float32))
-                return loss, correct
+                return loss, correct, top5_correct(probs, y)
 
             @tf.function
             def step(batch):
-                loss, correct = strategy.run(replica_step, args=batch)
+                loss, correct, top5 = strategy.run(replica_step, args=batch)
                 return (strategy.reduce("SUM", loss, axis=None),
-                        strategy.reduce("SUM", correct, axis=None))
+                        strategy.reduce("SUM", correct, axis=None),
+                        strategy.reduce("SUM", top5, axis=None))
 
             self._step_fn = step
         iterator = iter(strategy.experimental_distribute_dataset(dataset))
-        loss_sum = correct_sum = 0.0
+        loss_sum = correct_sum = top5_sum = 0.0
         for cb in callbacks:
             cb.set_model(model)
         for batch_index in range(self.steps_per_epoch):
-            loss, correct = self._step_fn(next(iterator))
+            loss, correct, top5 = self._step_fn(next(iterator))
             loss_sum += float(loss)
             correct_sum += float(correct)
+            top5_sum += float(top5)
             for cb in callbacks:
                 cb.on_train_batch_end(batch_index)
-        return {"loss": loss_sum / self.steps_per_epoch,
-                "accuracy": correct_sum / (self.steps_per_epoch * global_batch)}
+        metrics = {"loss": loss_sum / self.steps_per_epoch,
+                   "accuracy": correct_sum / (self.steps_per_epoch * global_batch)}
+        if has_top5(self.info.num_classes):
+            metrics[TOP5] = top5_sum / (self.steps_per_epoch * global_batch)
+        return metrics
 
     def evaluate(self) -> dict[str, float]:
         if self.num_workers > 1:
@@ -366,11 +398,15 @@ def _evaluate_locally(model, settings: DenseSettings, info: DatasetInfo) -> dict
 
     data = make_dataset(info, "validation", batch_size=settings.batch_size, training=False,
                         input_size=settings.input_size, fmt=settings.format, cache=settings.cache)
-    loss_sum = correct = count = 0.0
+    loss_sum = correct = top5 = count = 0.0
     for x, y in data:
         probs = model(x, training=False)
         loss_sum += float(tf.reduce_sum(keras.losses.sparse_categorical_crossentropy(y, probs)))
         correct += float(tf.reduce_sum(tf.cast(tf.equal(
             tf.argmax(probs, axis=-1, output_type=tf.int32), y), tf.float32)))
+        top5 += float(top5_correct(probs, y))
         count += int(y.shape[0])
-    return {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+    metrics = {"val_loss": loss_sum / count, "val_accuracy": correct / count}
+    if has_top5(info.num_classes):
+        metrics[f"val_{TOP5}"] = top5 / count
+    return metrics

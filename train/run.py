@@ -30,14 +30,20 @@ from tqdm import tqdm
 
 from common.paths import DenseRunPaths
 from common.settings import identity_hash
+from train.bn_recalibration import EpochEvaluator
+from train.chance_check import dense_chance_check
 from train.checkpoints import rewind_steps, save_checkpoint
 from train.damaged_shards import raise_if_damaged
 from train.data import DatasetError, DatasetInfo, open_dataset
 from train.early_bird import EarlyBirdTracker
 from train.engines import Engine, make_engine, steps_per_epoch
+from train.gmp import GradualPruning
+from train.gmp_schedule import schedule_from_settings
 from train.hooks import EarlyStopping, EpochHook, LoopState, RewindCheckpoints, TensorBoardScalars
 from train.interrupts import reclaim_signals, shielded
 from train.local_engine import bind_devices, configure_tensorflow
+from train.masked_optimizer import as_plain_optimizer
+from train.models import resolve_bn_momentum
 from train.run_files import ResumeState, read_history, save_model_atomic, settings_record, write_history, write_settings
 from train.schedules import lr_at
 from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSettings
@@ -86,7 +92,21 @@ def check_rewinds(settings: DenseSettings, spe: int) -> dict[str, int]:
             raise ValueError(f"rewind: {', '.join(off)}: inside an epoch, but the elephas engine "
                              f"with averaging=epoch only has weights at epoch ends ({spe} steps); "
                              f"set averaging to a number of steps K")
+    check_gmp_steps(settings, spe)
     return rewinds
+
+
+def check_gmp_steps(settings: DenseSettings, spe: int) -> None:
+    """ValueError naming the GMP field when the schedule does not fit the run or the engine."""
+    schedule = schedule_from_settings(settings, spe * settings.epochs)  # end past the last step
+    if schedule is None or settings.engine != "elephas" or settings.averaging != "epoch":
+        return
+    off = [step for step in schedule.update_steps() if step % spe]
+    if off:
+        raise ValueError(f"gmp_frequency: mask updates at steps {off[:3]} fall inside an epoch, "
+                         f"but the elephas engine with averaging=epoch only has weights at epoch "
+                         f"ends ({spe} steps); set averaging to a number of steps K, or make "
+                         f"gmp_begin_step, gmp_frequency and gmp_end_step multiples of {spe}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +127,12 @@ def prepare_run(settings: DenseSettings) -> PreparedRun:
         raise DatasetError(f"data: {err}") from None
     settings = resolve_settings(settings, info)
     spe = steps_per_epoch(settings, info)
+    # BatchNorm momentum fitted to the epoch's length when not set (train.models); multiworker
+    # steps are known later: the single-process count stands in (the same on every worker).
+    options, _ = resolve_bn_momentum(settings.model, settings.model_options, spe or info.steps(
+        "train", settings.batch_size, fmt=settings.format))
+    if options != settings.model_options:
+        settings = dataclasses.replace(settings, model_options=options)
     rewinds = check_rewinds(settings, spe) if spe is not None else {}
     return PreparedRun(settings, info, DenseRunPaths.under(settings.out, run_hash(settings, info)),
                        spe, rewinds)
@@ -141,10 +167,14 @@ def train_dense(settings: DenseSettings, *, spark=None,
 
 
 def epoch_hooks(settings: DenseSettings, run: DenseRunPaths, model, chief: bool,
-                rewinds: dict[str, int]) -> list[EpochHook]:
+                rewinds: dict[str, int], steps_per_epoch: int | None = None) -> list[EpochHook]:
     """The hooks `settings` ask for, in the order they are called. Every process gets those that
-    decide when to stop (multiworker workers must stop together); the chief also those that write."""
+    decide when to stop (multiworker workers must stop together); the chief also those that write.
+    Gradual pruning comes first (every process), so that a checkpoint taken at the step of a mask
+    update holds the pruned weights."""
     hooks: list[EpochHook] = []
+    if settings.gmp_schedule != "none":
+        hooks.append(GradualPruning(settings, run, model, chief, steps_per_epoch))
     if chief:
         hooks.append(RewindCheckpoints(rewinds))
     if settings.early_bird:
@@ -163,12 +193,17 @@ def epoch_hooks(settings: DenseSettings, run: DenseRunPaths, model, chief: bool,
 def _drive(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engine: Engine,
            extra_hooks: Sequence[EpochHook] = ()) -> None:
     rewinds = check_rewinds(settings, engine.steps_per_epoch)  # multiworker: known only now
+    # Hooks first: their checks (gmp_exclude against the model) come before any file is written.
+    evaluator = EpochEvaluator(settings, info, engine)  # BatchNorm recalibration, if due
+    hooks = epoch_hooks(settings, run, engine.model, engine.is_chief, rewinds,
+                        engine.steps_per_epoch) + [
+        dense_chance_check(settings, info, engine.steps_per_epoch, evaluator.enabled)
+    ] + list(extra_hooks)
     state = _start(settings, info, run, engine, rewinds)
-    hooks = epoch_hooks(settings, run, engine.model, state.chief, rewinds) + list(extra_hooks)
     with shielded():
         stopped = any([hook.on_train_begin(state) for hook in hooks])  # every hook, no short cut
     if not stopped:
-        _train_epochs(engine, hooks, state, info)
+        _train_epochs(engine, hooks, state, info, evaluator.evaluate)
     with shielded():
         for hook in hooks:
             hook.on_train_end(state)
@@ -183,7 +218,9 @@ def _start(settings: DenseSettings, info: DatasetInfo, run: DenseRunPaths, engin
     with shielded():
         if chief:
             run.root.mkdir(parents=True, exist_ok=True)
-            write_settings(run, settings_record(settings, info, engine.steps_per_epoch, rewinds))
+            write_settings(run, {**settings_record(settings, info, engine.steps_per_epoch, rewinds),
+                                 "bn_momentum": resolve_bn_momentum(
+                                     settings.model, settings.model_options, None)[1]})
         epochs_done, weights = ResumeState(run).load()
         history = read_history(run)[:epochs_done]
         if weights is not None:
@@ -205,7 +242,7 @@ def _reading(info: DatasetInfo, settings: DenseSettings, split: str) -> Iterator
 
 
 def _train_epochs(engine: Engine, hooks: list[EpochHook], state: LoopState,
-                  info: DatasetInfo) -> None:
+                  info: DatasetInfo, evaluate=None) -> None:
     """Epochs from the first incomplete one until the last, or until a hook asks to stop."""
     settings, spe = state.settings, state.steps_per_epoch
     resume = ResumeState(state.run)
@@ -226,7 +263,7 @@ def _train_epochs(engine: Engine, hooks: list[EpochHook], state: LoopState,
             with _reading(info, settings, "train"):
                 metrics = engine.train_epoch(epoch, lr, stops, at_stop)
             with _reading(info, settings, "validation"):
-                metrics.update(engine.evaluate())
+                metrics.update(evaluate(epoch) if evaluate is not None else engine.evaluate())
             row = {"epoch": epoch + 1, **metrics, "lr": lr, "time_s": time.perf_counter() - t0}
             log.info("epoch %d/%d: loss %.4f acc %.4f val_loss %.4f val_acc %.4f lr %.5g (%.1fs)",
                      epoch + 1, settings.epochs, row.get("loss", float("nan")),
@@ -247,7 +284,8 @@ def _finish(state: LoopState) -> None:
     """The final checkpoint and model, the full history, then _SUCCESS; resume/ goes."""
     run = state.run
     save_checkpoint(state.model, run, "final")
-    save_model_atomic(state.model, run.model)
+    with as_plain_optimizer(state.model.optimizer):  # GMP: model.keras names Keras classes only
+        save_model_atomic(state.model, run.model)
     write_history(run, state.history)
     run.success.write_bytes(b"")
     shutil.rmtree(run.resume, ignore_errors=True)  # only needed until the run is complete

@@ -28,6 +28,13 @@ from train.settings import LATER_FIELD_DEFAULTS, NON_IDENTITY_FIELDS, DenseSetti
 
 HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "time_s",
                    "images_per_s")
+# Later columns (empty where a run has no value): top-5 (train.metrics), BatchNorm
+# recalibration before the epoch's evaluation and the chance-level flag (train.bn_recalibration,
+# train.chance_check); flags are 1.0/0.0, as read_history reads every column as a number.
+HISTORY_COLUMNS += ("top5_accuracy", "val_top5_accuracy", "bn_recalibrated",
+                    "val_accuracy_before_bn_recalibration", "val_at_chance")
+# Gradual pruning (train.gmp): realised sparsity at the epoch's end; steps loss scaling skipped.
+HISTORY_COLUMNS += ("sparsity", "skipped_steps")
 
 
 # ---------------------------------------------------------------------------------- history.csv
@@ -80,7 +87,10 @@ def record_identity(record: dict) -> dict:
     """The parts of a settings record that must match for a run directory to be reused."""
     settings = {k: v for k, v in _without_later_defaults(record["settings"]).items()
                 if k not in NON_IDENTITY_FIELDS}
-    return {**{k: v for k, v in record.items() if k != "dataset"}, "settings": settings}
+    # "bn_momentum" reports the momentum in use (train.models.resolve_bn_momentum); an auto
+    # value that differs from the default is in settings.model_options, so it is identity there.
+    return {**{k: v for k, v in record.items() if k not in ("dataset", "bn_momentum")},
+            "settings": settings}
 
 
 def write_settings(run: DenseRunPaths, record: dict) -> None:

@@ -11,7 +11,11 @@ from typing import Annotated, Any, Literal, Optional, Union
 import pydantic
 
 from common.settings import CONFIG_ONLY, Flag, settings_dataclass
+from train.adversarial import ADV_DEFAULTS, ADVERSARIAL_MODES
+from train.adversarial import check_settings as check_adversarial
 from train.checkpoints import RewindPoint
+from train.gmp_schedule import GMP_DEFAULTS
+from train.gmp_schedule import check_settings as check_gmp
 from train.models import BATCHNORM_MODELS, MODELS, check_model_name, check_model_options, has_batchnorm
 
 ENGINES = ("elephas", "local", "multiworker")
@@ -19,6 +23,10 @@ ENGINES = ("elephas", "local", "multiworker")
 LATER_FIELD_DEFAULTS = {"bn_l1": 0.0, "early_bird": False, "early_bird_ratio": 0.5,
                         "early_bird_window": 5, "early_bird_threshold": 0.1,
                         "stop_at_early_bird": False}
+LATER_FIELD_DEFAULTS.update(ADV_DEFAULTS)  # adversarial training (train.adversarial)
+# BatchNorm recalibration before evaluations (train.bn_recalibration): not what is trained.
+LATER_FIELD_DEFAULTS.update({"bn_recalibration": "auto", "bn_recalibration_batches": 20})
+LATER_FIELD_DEFAULTS.update(GMP_DEFAULTS)  # gradual magnitude pruning (train.gmp_schedule)
 # Fields that say where things are or how they are launched, not what is computed: the run's
 # identity hashes these values in their place (the dataset is identified by its manifest's sha256).
 NON_IDENTITY_FIELDS = {"data": "", "out": "", "master": None}
@@ -102,6 +110,56 @@ class DenseSettings:
     stop_at_early_bird: bool = pydantic.Field(
         default=False, description="end dense training once the ticket is drawn (the run still "
                                    "completes)")
+    # Adversarial training (train.adversarial; at their defaults out of the identity).
+    adversarial: Literal[ADVERSARIAL_MODES] = pydantic.Field(
+        default="none", description="train on PGD (Madry et al.) or FGSM examples of each batch")
+    adv_epsilon: Annotated[float, Flag(metavar="EPS")] = pydantic.Field(
+        default=0.0, ge=0, le=1, description="adversarial training: L-inf radius on the [0, 1] "
+                                             "image scale (0.1 digits, 8/255 CIFAR)")
+    adv_steps: Annotated[int, Flag(metavar="N")] = pydantic.Field(
+        default=7, ge=1, le=1000, description="adversarial training: PGD steps per batch")
+    adv_step_size: Annotated[Optional[float], Flag(metavar="ALPHA")] = pydantic.Field(
+        default=None, gt=0, le=1, description="adversarial training: PGD step on the [0, 1] "
+                                              "scale (default 2.5 * eps / steps)")
+    adv_random_start: bool = pydantic.Field(
+        default=True, description="adversarial training: PGD starts at a uniform random point "
+                                  "of the eps-ball")
+
+    # Gradual magnitude pruning (train.gmp; at their defaults out of the identity).
+    gmp_schedule: Literal["none", "constant", "polynomial"] = pydantic.Field(
+        default="none", description="gradual magnitude pruning during training: polynomial "
+                                    "(Zhu & Gupta) or constant sparsity")
+    gmp_initial_sparsity: Annotated[float, Flag(metavar="S")] = pydantic.Field(
+        default=0.0, ge=0, lt=1, description="GMP: sparsity at gmp_begin_step (polynomial)")
+    gmp_final_sparsity: Annotated[Optional[float], Flag(metavar="S")] = pydantic.Field(
+        default=None, ge=0, lt=1, description="GMP: sparsity reached at gmp_end_step (required "
+                                              "with a schedule)")
+    gmp_begin_step: Annotated[int, Flag(metavar="STEP")] = pydantic.Field(
+        default=0, ge=0, description="GMP: global step of the first mask update")
+    gmp_end_step: Annotated[Optional[int], Flag(metavar="STEP")] = pydantic.Field(
+        default=None, ge=1, description="GMP: step of the last update (default: the last step "
+                                        "of training); masks are frozen after it")
+    gmp_power: Annotated[float, Flag(metavar="P")] = pydantic.Field(
+        default=3.0, gt=0, le=100, description="GMP: exponent of the polynomial schedule")
+    gmp_frequency: Annotated[int, Flag(metavar="STEPS")] = pydantic.Field(
+        default=100, ge=1, description="GMP: steps between mask updates (a last one is forced "
+                                       "at gmp_end_step)")
+    gmp_scope: Literal["global", "layer"] = pydantic.Field(
+        default="global", description="GMP: one magnitude threshold over all pruned kernels, "
+                                      "or the same sparsity in each")
+    gmp_exclude: Annotated[tuple[str, ...], Flag(metavar="PATTERN")] = pydantic.Field(
+        default=(), description="GMP: weights never pruned (fnmatch on the variable path or the "
+                                "layer name), e.g. fc3")
+    gmp_prune_depthwise: bool = pydantic.Field(
+        default=False, description="GMP: prune depthwise kernels too (BatchNorm and biases never)")
+
+    # BatchNorm recalibration (train.bn_recalibration; at their defaults out of the identity).
+    bn_recalibration: Literal["auto", "on", "off"] = pydantic.Field(
+        default="auto", description="recompute BatchNorm moving statistics from training batches "
+                                    "before each evaluation; auto: where they are stale (elephas "
+                                    "with >1 worker, epochs shorter than the momentum's window)")
+    bn_recalibration_batches: Annotated[int, Flag(metavar="N")] = pydantic.Field(
+        default=20, ge=1, le=100_000, description="training batches per recalibration")
 
     @pydantic.field_validator("model")
     @classmethod
@@ -128,10 +186,14 @@ class DenseSettings:
     @pydantic.model_validator(mode="after")
     def _check(self):
         check_model_options(self.model, self.model_options)  # message names model_options
+        check_gmp(self)  # schedule fields (train.gmp_schedule)
+        check_adversarial(self)  # adv_epsilon > 0 when adversarial
         if (self.early_bird or self.bn_l1 > 0) and not has_batchnorm(self.model):
             field = "early_bird" if self.early_bird else "bn_l1"
             raise ValueError(f"{field}: model {self.model!r} has no BatchNorm layers (models with "
                              f"BatchNorm: {', '.join(sorted(BATCHNORM_MODELS))})")
+        if self.bn_recalibration == "on" and not has_batchnorm(self.model):
+            raise ValueError(f"bn_recalibration: model {self.model!r} has no BatchNorm layers")
         if self.stop_at_early_bird and not self.early_bird:
             raise ValueError("stop_at_early_bird: needs early_bird (the detector) on")
         if self.lr_schedule == "step" and not self.lr_decay_epochs:

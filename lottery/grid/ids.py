@@ -46,6 +46,18 @@ def structured_task_id(channel_mask: str) -> str:
     return "structured-" + channel_mask.removeprefix("channels-")
 
 
+def variant_task_id(base: str, retrain_mode: str = "weights", replicate: int = 0) -> str:
+    """A point's id with its retraining mode and replicate: the weights mode and replicate 0 keep
+    `base` exactly (grids planned before either existed keep their ids and result files), e.g.
+    oneshot-global-s9000-init-none-lr-rep2."""
+    mode = "" if retrain_mode == "weights" else f"-{retrain_mode}"
+    return f"{base}{mode}{replicate_suffix(replicate)}"
+
+
+def replicate_suffix(replicate: int) -> str:
+    return f"-rep{replicate}" if replicate else ""
+
+
 def derived_seed(seed: int, name: str) -> int:
     """A per-task seed that is stable across runs and machines (hash() is salted per process)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31 - 1)

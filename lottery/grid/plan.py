@@ -3,6 +3,11 @@
 `plan(run_dir, settings)` is idempotent: the grid directory is named by the hash of the resolved
 settings, every mask file is written only if missing, and `settings.json` (which holds the task
 list) is written last, so its presence means the plan is complete; planning again changes nothing.
+The exception is growth along the extensible axes (EXTENSIBLE_FIELDS: replicates, retrain_modes),
+which are not part of the directory name: planning again with more replicates or another mode
+rewrites settings.json with every old task unchanged plus the new ones (never fewer), so a run
+afterwards trains only the new points. Workers that loaded the old list finish it; the next launch
+sees the new one. The task list itself is built by lottery.grid.task_list.
 
 A task is one schedulable unit (lottery.points.task.Task, where its fields are described). The
 plan refuses settings whose values would share an id (ids keep 4 decimals of a fraction) before it
@@ -13,30 +18,39 @@ scheduler that hands them out in order finishes the long ones early.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from common.atomic import read_json, write_json
 from common.paths import SUCCESS, DenseRunPaths, GridPaths
 from common.settings import SCHEMA_VERSION, SettingsError, identity_hash, settings_to_dict
-from lottery.grid.ids import (
-    channel_mask_id,
-    derived_seed,
-    imp_task_id,
-    mask_id,
-    oneshot_task_id,
-    random_mask_id,
-    structured_task_id,
-)
+from lottery.grid.ids import channel_mask_id, mask_id
+from lottery.grid.plan_gmp import GMP_GRID_DEFAULTS
+from lottery.grid.replicate_runs import check_replicate_runs
 from lottery.grid.settings import EARLY_BIRD, GridSettings
+from lottery.grid.task_list import (  # noqa: F401 (build_tasks, structured_tasks: re-exported)
+    EXTENSIBLE_FIELDS,
+    build_tasks,
+    check_extension,
+    check_unique_ids,
+    merge_extensible,
+    random_mask_ids,
+    random_mask_seed,
+    replicate_mask_id,
+    replicate_run,
+    structured_tasks,
+    without_extensible,
+)
 from lottery.points.task import Task, TaskError
 from lottery.prune import masks
 from lottery.prune.channel_masks import select_channels
 from lottery.prune.stats import prunable_weights, weight_stats
+from train.adversarial import ADV_DEFAULTS
 from train.checkpoints import RewindPoint, list_checkpoints, load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -118,6 +132,8 @@ def resolve_settings(settings: GridSettings, run: RunInfo) -> GridSettings:
         settings = dataclasses.replace(settings, epochs=run.epochs)
     if settings.structured and settings.channel_scope is None:
         settings = dataclasses.replace(settings, channel_scope=settings.resolved_channel_scope)
+    if settings.replicate_runs:  # one replicate per dense run
+        settings = dataclasses.replace(settings, replicates=1 + len(settings.replicate_runs))
     return settings
 
 
@@ -154,9 +170,11 @@ STRUCTURED_FIELDS = ("channel_ratios", "criterion", "channel_scope", "draw", "ea
                      "channel_round_to")
 # Fields added after grids were first planned, with the default that reproduces the old grids:
 # left out of the identity (and of settings.json) at that default.
-LATER_DEFAULTS = {"channel_round_to": 1, "lr_schedule_from": "rewind"}
-
-
+LATER_DEFAULTS = {"channel_round_to": 1, "lr_schedule_from": "rewind", "replicates": 1,
+                  "retrain_modes": ["weights"], "finetune_lr": None, "replicate_runs": []}
+LATER_DEFAULTS.update(ADV_DEFAULTS)  # adversarial retraining (train.adversarial)
+LATER_DEFAULTS.update({"bn_recalibration": "auto", "bn_recalibration_batches": 20})
+LATER_DEFAULTS.update(GMP_GRID_DEFAULTS)  # GMP points (lottery.grid.plan_gmp)
 def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
     """The settings a grid directory is named by and records in settings.json."""
     values = dict(settings) if isinstance(settings, Mapping) else settings_to_dict(settings)
@@ -171,85 +189,8 @@ def grid_identity(settings: GridSettings | Mapping[str, Any]) -> dict[str, Any]:
 
 def grid_hash(settings: GridSettings) -> str:
     """The name of the grid's directory: its settings as grid_identity records them."""
-    return identity_hash(settings, omit=() if settings.structured else STRUCTURED_FIELDS,
-                         omit_defaults=LATER_DEFAULTS)
-
-
-def build_tasks(settings: GridSettings, positions: Mapping[str, float],
-                mask_sparsity: Mapping[str, float]) -> list[Task]:
-    """The deterministic task list of resolved settings (see the module docstring)."""
-    if settings.epochs is None:
-        raise ValueError("build_tasks needs resolved settings (epochs set)")
-    tasks: list[Task] = []
-    common = {"scope": settings.scope, "exclude": tuple(settings.exclude), "epochs": settings.epochs}
-    for kind, value in settings.thresholds:
-        mid = mask_id(settings.scope, kind, value)
-        threshold = {"kind": "sparsity" if kind == "s" else "quantile", "value": value}
-        for rewind in settings.rewind:
-            for control in ("none", *settings.controls):
-                task_id = oneshot_task_id(mid, rewind, control)
-                use_mask = mid
-                if control == "random_mask":
-                    use_mask = random_mask_id(mid, derived_seed(settings.seed, mid))
-                tasks.append(Task(
-                    task_id=task_id, kind="oneshot", mask_id=use_mask,
-                    base_mask_id=mid if control == "random_mask" else None,
-                    rewind=rewind, control=control, threshold=threshold,
-                    sparsity=float(mask_sparsity[use_mask]), imp_rounds=0, imp_rate=0.0,
-                    seed=derived_seed(settings.seed, task_id), cost=float(settings.epochs), **common,
-                ))
-    if settings.imp_rounds:
-        final_sparsity = 1.0 - (1.0 - settings.imp_rate) ** settings.imp_rounds
-        for rewind in settings.rewind:
-            task_id = imp_task_id(settings.scope, settings.imp_rounds, settings.imp_rate, rewind)
-            tasks.append(Task(
-                task_id=task_id, kind="imp", mask_id=None, base_mask_id=None,
-                rewind=rewind, control="none", threshold=None,
-                sparsity=final_sparsity, imp_rounds=settings.imp_rounds,
-                imp_rate=settings.imp_rate, seed=derived_seed(settings.seed, task_id),
-                cost=float(settings.epochs * settings.imp_rounds), **common,
-            ))
-    if settings.structured:
-        tasks += structured_tasks(settings, positions)
-    tasks.sort(key=lambda t: (-t.cost, positions[t.rewind], t.task_id))
-    return tasks
-
-
-def structured_tasks(settings: GridSettings, positions: Mapping[str, float]) -> list[Task]:
-    """One task per (draw point, channel ratio) of resolved settings."""
-    scope = settings.resolved_channel_scope
-    tasks = []
-    for draw in settings.draw_points:
-        for ratio in settings.channel_ratios or ():
-            mid = channel_mask_id(settings.criterion, scope, ratio, draw, settings.channel_round_to)
-            task_id = structured_task_id(mid)
-            tasks.append(Task(
-                task_id=task_id, kind="structured", mask_id=mid, base_mask_id=None,
-                rewind=draw, control="none", scope=scope, threshold=None,
-                sparsity=None, ratio=ratio, criterion=settings.criterion,
-                draw_epoch=float(positions[draw]), exclude=tuple(settings.exclude),
-                epochs=settings.epochs, imp_rounds=0, imp_rate=0.0,
-                seed=derived_seed(settings.seed, task_id), cost=float(settings.epochs),
-                round_to=settings.channel_round_to if settings.channel_round_to > 1 else None,
-            ))
-    return tasks
-
-
-def check_unique_ids(settings: GridSettings) -> None:
-    """SettingsError naming the id when two values of `settings` would get the same mask id (and
-    so the same task ids): ids keep 4 decimals of a fraction (lottery.grid.ids.fraction_tag)."""
-    scope = settings.resolved_channel_scope
-    named = [("sparsities" if kind == "s" else "quantiles", value, mask_id(settings.scope, kind, value))
-             for kind, value in settings.thresholds]
-    named += [("channel_ratios", ratio, channel_mask_id(settings.criterion, scope, ratio, draw,
-                                                        settings.channel_round_to))
-              for draw in settings.draw_points for ratio in settings.channel_ratios or ()]
-    seen: dict[str, float] = {}
-    for field, value, mid in named:
-        if mid in seen:
-            raise SettingsError(f"{field}: {seen[mid]} and {value} would share the id {mid!r} "
-                                f"(ids keep 4 decimals): give values that differ there")
-        seen[mid] = value
+    omit = EXTENSIBLE_FIELDS + (() if settings.structured else STRUCTURED_FIELDS)
+    return identity_hash(settings, omit=omit, omit_defaults=LATER_DEFAULTS)
 
 
 def load_final_weights(run: DenseRunPaths) -> dict[str, np.ndarray]:
@@ -269,28 +210,33 @@ def _make_mask(weights: Mapping[str, np.ndarray], settings: GridSettings, kind: 
         raise SettingsError(f"exclude: {err}" if "exclude" in str(err) else str(err)) from None
 
 
-def _write_masks(grid: GridPaths, settings: GridSettings,
-                 weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """masks/<id>.npz for every threshold (and its random twin); returns id -> description."""
+def _write_masks(grid: GridPaths, settings: GridSettings, weights: Callable[[], Mapping[str, np.ndarray]],
+                 replicate: int = 0) -> dict[str, dict[str, Any]]:
+    """masks/<id>.npz for every threshold of replicate `replicate` (and its random twin); returns
+    id -> description. `weights` gives the final weights the magnitude masks are drawn from,
+    loaded only when a mask is missing."""
     described: dict[str, dict[str, Any]] = {}
     for kind, value in settings.thresholds:
         mid = mask_id(settings.scope, kind, value)
-        wanted = [(mid, None)]
-        if "random_mask" in settings.controls:
-            wanted.append((random_mask_id(mid, derived_seed(settings.seed, mid)), mid))
+        own = replicate_mask_id(settings, mid, replicate)
+        wanted = [(own, None)] if replicate == 0 or own != mid else []
+        if "random_mask" in settings.controls:  # one random twin per replicate
+            wanted.append((random_mask_ids(settings, mid)[replicate], own))
         for this_id, base in wanted:
             path = grid.mask(this_id)
             if path.is_file():
                 mask, _meta = masks.load_mask(path)
             elif base is None:
-                mask = _make_mask(weights, settings, kind, value)
+                mask = _make_mask(weights(), settings, kind, value)
             else:
                 mask = masks.random_mask_like(masks.load_mask(grid.mask(base))[0],
-                                              seed=derived_seed(settings.seed, base))
+                                              seed=random_mask_seed(settings, mid, replicate))
             real = masks.mask_sparsity(mask)
             meta = {"mask_id": this_id, "scope": settings.scope, "exclude": list(settings.exclude),
                     "threshold": {"kind": "sparsity" if kind == "s" else "quantile", "value": value},
                     "random_of": base, "sparsity": real}
+            if replicate_run(settings, replicate):
+                meta["run"] = replicate_run(settings, replicate)
             if not path.is_file():
                 masks.save_mask(path, mask, meta)
             described[this_id] = {"file": str(path.relative_to(grid.root)), **meta}
@@ -342,14 +288,29 @@ def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
     """
     run = read_run(run_dir)
     resolved = resolve_settings(settings, run)
+    if resolved.replicate_runs:  # each replicate run finished, with the same checkpoints
+        others = [read_run(run.paths.root.parent / name) for name in resolved.replicate_runs]
+        check_replicate_runs(run.paths.settings, [o.paths.settings for o in others])
+        for other in others:
+            resolve_settings(settings, other)
     check_unique_ids(resolved)  # before anything is written under a shared id
     grid = GridPaths.under(run.paths, grid_hash(resolved))
+    existing = None
     if grid.settings.is_file():
         existing = read_json(grid.settings)
-        if existing.get("settings") != grid_identity(resolved):
+        recorded = existing.get("settings") or {}
+        if without_extensible(recorded) != without_extensible(grid_identity(resolved)):
             raise SettingsError(f"{grid.settings}: holds other settings than these (hash collision?)")
-        log.info("grid already planned: %s", grid.root)
-        return grid
+        resolved = merge_extensible(resolved, recorded)
+        if grid_identity(resolved) == recorded:
+            if resolved.replicates > settings.replicates or set(resolved.retrain_modes) - set(
+                    settings.retrain_modes):
+                log.info("grid %s keeps its %d replicate(s) and modes %s (a plan never drops "
+                         "points)", grid.root, resolved.replicates, ",".join(resolved.retrain_modes))
+            log.info("grid already planned: %s", grid.root)
+            return grid
+        log.info("extending %s to %d replicate(s), retraining modes %s", grid.root,
+                 resolved.replicates, ",".join(resolved.retrain_modes))
     grid.root.mkdir(parents=True, exist_ok=True)
     positions = dict(run.positions)
     if resolved.early_bird:
@@ -358,12 +319,20 @@ def plan(run_dir: str | os.PathLike, settings: GridSettings, *,
         weights = load_final_weights(run.paths)
     if not grid.stats.is_file():
         write_json(grid.stats, weight_stats(weights))
-    described = _write_masks(grid, resolved, weights)
+    described: dict[str, dict[str, Any]] = {}
+    for replicate in range(resolved.replicates):
+        other = replicate_run(resolved, replicate)
+        final = (functools.cache(functools.partial(load_final_weights,
+                                                   DenseRunPaths(run.paths.root.parent / other)))
+                 if other else (lambda: weights))
+        described.update(_write_masks(grid, resolved, final, replicate))
     sparsity = {k: float(v["sparsity"]["overall"] if isinstance(v["sparsity"], dict)
                          else v["sparsity"]) for k, v in described.items()}
     if resolved.structured:
         described.update(_write_channel_masks(grid, resolved, run, positions))
     tasks = _checked_tasks(build_tasks(resolved, positions, sparsity), where="plan")
+    if existing is not None:
+        check_extension(grid.settings, existing.get("tasks") or [], tasks)
     write_json(grid.settings, {
         "schema_version": SCHEMA_VERSION, "kind": PLAN_KIND, "hash": grid.root.name.split("-", 1)[1],
         "settings": grid_identity(resolved),

@@ -100,7 +100,9 @@ def load_executor(grid: GridPaths, spec: str = DEFAULT_EXECUTOR) -> Execute:
     run_dir = grid.root.parent
 
     def execute(task: Task, *, stop: StopToken) -> Mapping[str, Any]:
-        return func(run_dir, grid.root, task, settings, stop)
+        # A replicate of a grid over replicate dense runs retrains its own run (a sibling).
+        return func(run_dir if task.run is None else run_dir.parent / task.run, grid.root, task,
+                    settings, stop)
 
     return execute
 

@@ -25,6 +25,8 @@ import numpy as np
 from common.paths import GridPaths
 from common.stop import StopToken
 from lottery.points.epoch_checkpoint import EpochCheckpoint
+from lottery.points.point_metrics import recalibration_options
+from lottery.points.point_weights import save_point_weights
 from lottery.points.recipe import Recipe, dense_recipe, lr_schedule_from, open_dense_run, retrain
 from lottery.points.task import Task, TaskError
 from lottery.prune import masks as masks_mod
@@ -42,7 +44,8 @@ def round_mask_id(task_id: str, round_index: int) -> str:
 def run_imp(load_rewind: Callable[[], Any], final_weights: Mapping[str, np.ndarray], recipe: Recipe, *,
             rounds: int, rate: float, mask_path: Callable[[int], Path], scope: str = "global",
             exclude: Iterable[str] = (), label: str = "imp", state_dir: str | os.PathLike | None = None,
-            seed: int = 0, stop: StopToken | None = None) -> list[dict[str, Any]]:
+            seed: int = 0, stop: StopToken | None = None,
+            save_final: Callable[[Any], None] | None = None) -> list[dict[str, Any]]:
     """Run (or resume) a chain; returns every round's result in order.
 
     load_rewind: returns a model holding the rewind weights (called once per round trained).
@@ -88,6 +91,8 @@ def run_imp(load_rewind: Callable[[], Any], final_weights: Mapping[str, np.ndarr
             masks_mod.save_mask(mask_path(r + 1), following,
                                 {"round": r + 1, "rate": rate, "scope": scope, "exclude": list(exclude),
                                  "sparsity": masks_mod.mask_sparsity(following)})
+        if r == rounds and save_final is not None:
+            save_final(model)  # the chain's final network, before the round counts as complete
         # Written last: its presence marks the round complete.
         masks_mod.save_mask(path, mask, {**meta, "result": result})
         if checkpoint is not None:
@@ -103,6 +108,8 @@ def check_imp_task(task: Task) -> None:
 
     if task.control != "none":
         raise bad("control", f"is {task.control!r}; IMP chains take no control ('none')")
+    if task.retrain_mode != "weights":  # the chain rewinds its weights every round
+        raise bad("retrain_mode", f"is {task.retrain_mode!r}; IMP chains rewind weights ('weights')")
     if task.imp_rounds < 1:
         raise bad("imp_rounds", f"must be >= 1 for an IMP chain, got {task.imp_rounds}")
     if not 0.0 < task.imp_rate < 1.0:
@@ -122,12 +129,14 @@ def run_imp_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: 
     keras.utils.set_random_seed(task.seed)
     final = prunable_weights(load_checkpoint(run.paths.root, "final"))
     recipe = dense_recipe(run, epochs=task.epochs, start_epoch=run.position(task.rewind),
-                          schedule_from=lr_schedule_from(settings))
+                          schedule_from=lr_schedule_from(settings), replicate=task.replicate,
+                          **recalibration_options(settings))
     rounds = run_imp(lambda: load_checkpoint(run.paths.root, task.rewind), final, recipe,
                      rounds=task.imp_rounds, rate=task.imp_rate,
                      mask_path=lambda r: grid.mask(round_mask_id(task.task_id, r)),
                      scope=task.scope, exclude=task.exclude, label=task.task_id,
-                     state_dir=grid.partial_state(task.task_id), seed=task.seed, stop=stop)
+                     state_dir=grid.partial_state(task.task_id), seed=task.seed, stop=stop,
+                     save_final=lambda model: save_point_weights(grid.root, task.task_id, model))
     last = rounds[-1]
     return {**task.result_fields(), **last, "mask_id": round_mask_id(task.task_id, last["round"]),
             "rounds": rounds}

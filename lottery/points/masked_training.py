@@ -1,6 +1,7 @@
 """Training with a fixed pruning mask: pruned weights stay exactly zero for the whole run.
 
-The optimizer is wrapped (a subclass of its own class, built from its config) so that, inside the
+The optimizer is wrapped (a subclass of its own class, built from its config, by
+`train.masked_optimizer`, which dense gradual pruning shares) so that, inside the
 compiled train step, gradients of pruned weights are zeroed before the update and the weights are
 zeroed again after it. Momentum, Adam moments and weight decay therefore cannot revive a pruned
 weight, and there is no per-step Python work: the masking is element-wise ops in the same graph as
@@ -36,6 +37,7 @@ from lottery.points.epoch_checkpoint import EpochCheckpoint
 from lottery.prune import keras_graph
 from lottery.prune import masks as masks_mod
 from lottery.prune.stats import prunable_variables
+from train.masked_optimizer import _MaskedOptimizerMixin, fixed_mask_optimizer, zero_preserving_optimizers  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -75,42 +77,6 @@ def nonzero_counts(model, names=None) -> dict[str, int]:
     return {n: int(np.count_nonzero(variables[n].numpy())) for n in (names or variables)}
 
 
-def zero_preserving_optimizers() -> tuple[type, ...]:
-    """Keras optimizer classes (exactly these, not subclasses) whose update is zero wherever the
-    gradient and the optimizer state are zero, weight decay and momentum included."""
-    opts = _keras().optimizers
-    return (opts.SGD, opts.Adam, opts.AdamW, opts.Adamax, opts.Nadam, opts.RMSprop, opts.Adagrad,
-            opts.Adadelta, opts.Lion)
-
-
-class _MaskedOptimizerMixin:
-    """Mixed in front of a Keras optimizer class: masks gradients before, weights after the update
-    (the latter only where the class can move a weight whose gradient is zero)."""
-
-    _bt_masks: dict[str, Any]
-    _bt_mask_weights: bool = True
-
-    def apply(self, grads, trainable_variables=None):
-        ops = _keras().ops
-        variables = list(self._trainable_variables if trainable_variables is None else trainable_variables)
-        # A multiply by a 0/1 mask of the variable's dtype is one fused op per tensor; select with a
-        # fresh zeros tensor cost twice that, which showed on small, fast models.
-        masked_grads = []
-        for grad, var in zip(grads, variables):
-            m = self._bt_masks.get(var.path)
-            masked_grads.append(grad if grad is None or m is None else grad * ops.cast(m, grad.dtype))
-        super().apply(masked_grads, trainable_variables)
-        if not self._bt_mask_weights:
-            return
-        for var in variables:
-            m = self._bt_masks.get(var.path)
-            if m is not None:
-                var.assign(var.value * ops.cast(m, var.dtype))
-
-
-_MASKED_CLASSES: dict[type, type] = {}
-
-
 def masked_optimizer(optimizer, model, mask: Mapping[str, np.ndarray]):
     """A fresh optimizer of the same class and config as `optimizer` that honours `mask` on `model`.
 
@@ -118,20 +84,12 @@ def masked_optimizer(optimizer, model, mask: Mapping[str, np.ndarray]):
     """
     keras = _keras()
     base = keras.optimizers.get(optimizer)
-    cls = type(base)
-    if issubclass(cls, _MaskedOptimizerMixin):
-        cls = cls.__bases__[1]  # re-wrapping: start from the original class
-    if cls not in _MASKED_CLASSES:
-        _MASKED_CLASSES[cls] = type(f"Masked{cls.__name__}", (_MaskedOptimizerMixin, cls),
-                                    {"_bt_mask_weights": cls not in zero_preserving_optimizers()})
-    wrapped = _MASKED_CLASSES[cls].from_config(base.get_config())
     variables = check_mask(model, mask)
     # Tensors captured by the compiled step (not rebuilt per step); paths identify the variables.
-    wrapped._bt_masks = {
+    return fixed_mask_optimizer(base, {
         var.path: keras.ops.convert_to_tensor(np.asarray(mask[name], dtype=var.dtype))
         for name, var in variables.items()
-    }
-    return wrapped
+    })
 
 
 def reinitialize(model, seed: int) -> None:

@@ -11,6 +11,15 @@ position in the dense run, clamped at its end, for the task's `epochs` epochs, s
 the dense run's stop before the schedule anneals; `fresh` runs the whole dense schedule compressed
 into the task's epochs. With the default rewind `init` and the default epochs both are exactly the
 dense run's recipe.
+
+Replicates: replicate 0 reads the training data in the dense run's order (as points always did);
+replicate r >= 1 in an order seeded by `replicate_data_seed`, the same for every task of that
+replicate, so a ticket and its controls of one replicate see the same batches (a paired design).
+
+Retraining modes (`retrain_start`): weights starts from the rewind checkpoint; lr and finetune
+start from the dense run's final weights (masked). lr replays the schedule from the rewind point
+as above; finetune trains at a constant rate, `finetune_lr` of the grid or by default the dense
+schedule's rate in its last epoch (Renda, Frankle & Carbin 2020 fine-tune at the final rate).
 """
 from __future__ import annotations
 
@@ -18,6 +27,7 @@ import dataclasses
 import math
 import os
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -29,10 +39,13 @@ from common.settings import make_settings
 from common.stop import StopToken
 from lottery.points.epoch_checkpoint import EpochCheckpoint
 from lottery.points.masked_training import check_mask, reinitialize, train_masked
+from lottery.points.point_metrics import finish_point
 from lottery.prune import masks as masks_mod
+from train import adversarial
 from train.checkpoints import RewindPoint
 from train.data import make_dataset, open_dataset
 from train.local_engine import compile_kwargs, make_optimizer
+from train.metrics import compile_metrics
 from train.schedules import lr_at
 from train.settings import DenseSettings
 
@@ -48,6 +61,9 @@ class Recipe:
     validation_data: Any                 # (x, y) | dataset
     learning_rate: Callable[[int], float | None] | None = None   # retraining epoch -> rate
     batch_size: int | None = None        # for array data only
+    num_classes: int | None = None       # > 5: top-5 accuracy is recorded too (train.metrics)
+    bn_recalibration: str = "auto"       # after retraining (lottery.points.point_metrics)
+    bn_recalibration_batches: int = 20
 
 
 def history_rows(history: Mapping[str, list[float]]) -> list[dict[str, float]]:
@@ -69,10 +85,12 @@ def retrain(model, mask: Mapping[str, np.ndarray], recipe: Recipe, *, reinit_see
     t0 = time.perf_counter()
     if reinit_seed is not None:
         reinitialize(model, reinit_seed)
+    adversarial.install(model, adversarial.retraining_config())  # grid's adversarial retraining
     history = train_masked(model, mask, recipe.train_data, recipe.validation_data,
                            optimizer=recipe.optimizer, loss=recipe.loss, epochs=recipe.epochs,
                            learning_rate=recipe.learning_rate, batch_size=recipe.batch_size, label=label,
-                           checkpoint=checkpoint, stop=stop)
+                           checkpoint=checkpoint, stop=stop,
+                           metrics=compile_metrics(recipe.num_classes))
     if "val_accuracy" not in history:
         raise ValueError("the recipe has no validation data: a grid point is judged on it")
     val_acc = history["val_accuracy"]
@@ -92,6 +110,8 @@ def retrain(model, mask: Mapping[str, np.ndarray], recipe: Recipe, *, reinit_see
         "resumed_from_epoch": checkpoint.resumed_from if checkpoint is not None else 0,
         "wall_time_s": time.perf_counter() - t0,
         "history": history_rows(history),
+        # top-5, BatchNorm recalibration, chance check (may override accuracy and loss)
+        **finish_point(model, history, recipe, label),
     }
 
 
@@ -157,10 +177,33 @@ def retraining_lr(settings: DenseSettings, epochs: int, start_epoch: float,
     raise ValueError(f"lr_schedule_from: {schedule_from!r} is not one of {', '.join(LR_SCHEDULES_FROM)}")
 
 
+def replicate_data_seed(dense_seed: int, replicate: int) -> int:
+    """The data-order seed of replicate `replicate`: the dense run's own seed for replicate 0."""
+    if not replicate:
+        return dense_seed
+    return (dense_seed * 1_000_003 + zlib.crc32(f"replicate-{replicate}".encode())) % (2**31 - 1)
+
+
+def retrain_start(retrain_mode: str, rewind: str) -> str:
+    """The checkpoint a point's weights start from: the rewind point, or final for lr/finetune."""
+    return rewind if retrain_mode == "weights" else "final"
+
+
+def finetune_rate(settings: DenseSettings, grid_settings: Mapping[str, Any] | None) -> float:
+    """Retrain mode finetune's constant rate: the grid's finetune_lr, else the dense rate of the
+    last epoch (not lr_at(epochs): a cosine schedule is 0 there)."""
+    given = (grid_settings or {}).get("finetune_lr")
+    return float(given) if given else lr_at(settings, float(settings.epochs - 1))
+
+
 def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float = 0.0,
-                 schedule_from: str = "rewind") -> Recipe:
+                 schedule_from: str = "rewind", replicate: int = 0,
+                 constant_lr: float | None = None, bn_recalibration: str = "auto",
+                 bn_recalibration_batches: int = 20) -> Recipe:
     """The dense run's optimizer, loss, schedule and data, for `epochs` epochs from `start_epoch`
-    (the learning rate as `retraining_lr` gives it for `schedule_from`)."""
+    (the learning rate as `retraining_lr` gives it for `schedule_from`, or `constant_lr`); the
+    data in the order of replicate `replicate` (replicate_data_seed). bn_recalibration*: the
+    grid's (lottery.points.point_metrics.recalibration_options)."""
     s = run.settings
     info = open_dataset(s.data)
     if info.manifest_sha256 != run.record.get("manifest_sha256"):
@@ -168,10 +211,11 @@ def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float
                          f"was trained on (manifest sha256 differs)")
     epochs = epochs or s.epochs
     kwargs = dict(batch_size=s.batch_size, input_size=s.input_size, fmt=s.format, cache=s.cache)
+    data_seed = replicate_data_seed(s.seed, replicate)
 
     def train_data(epoch: int):
         # The dense run's data order for the same epoch of the schedule (seeded by its seed).
-        return make_dataset(info, "train", training=True, seed=s.seed,
+        return make_dataset(info, "train", training=True, seed=data_seed,
                             epoch=int(math.floor(start_epoch)) + epoch, augment=s.augment,
                             shuffle_buffer=s.shuffle_buffer, **kwargs)
 
@@ -181,5 +225,9 @@ def dense_recipe(run: DenseRun, *, epochs: int | None = None, start_epoch: float
         epochs=epochs,
         train_data=train_data,
         validation_data=make_dataset(info, "validation", training=False, **kwargs),
-        learning_rate=retraining_lr(s, epochs, start_epoch, schedule_from),
+        learning_rate=(retraining_lr(s, epochs, start_epoch, schedule_from) if constant_lr is None
+                       else (lambda _epoch: constant_lr)),
+        num_classes=info.num_classes,
+        bn_recalibration=bn_recalibration,
+        bn_recalibration_batches=bn_recalibration_batches,
     )

@@ -10,10 +10,13 @@ import os
 from typing import Any, Callable, Mapping
 
 from common.stop import StopToken
+from lottery.points.gmp import run_gmp_task
 from lottery.points.imp import run_imp_task
 from lottery.points.oneshot import run_oneshot_task
+from lottery.points.robustness import run_robustness_task
 from lottery.points.structured import run_structured_task
 from lottery.points.task import Task, TaskError
+from train import adversarial
 
 Runner = Callable[[str | os.PathLike, str | os.PathLike, Task, Mapping[str, Any] | None, StopToken | None],
                   dict[str, Any]]
@@ -22,6 +25,8 @@ RUNNERS: dict[str, Runner] = {
     "oneshot": run_oneshot_task,
     "imp": run_imp_task,
     "structured": run_structured_task,
+    "robustness": run_robustness_task,  # a trained point under attack (robustness grids)
+    "gmp": run_gmp_task,  # gradual magnitude pruning while retraining (lottery.points.gmp)
 }
 
 
@@ -34,4 +39,9 @@ def train_point(run_dir: str | os.PathLike, grid_dir: str | os.PathLike, task: T
     if runner is None:
         raise TaskError(f"task {task.task_id!r}: field kind is {task.kind!r}, which no runner trains "
                         f"(known: {', '.join(sorted(RUNNERS))})")
-    return runner(run_dir, grid_dir, task, settings, stop)
+    attack = adversarial.config_from(settings or {})  # the grid's adversarial retraining
+    if attack is None or task.kind == "robustness":
+        return runner(run_dir, grid_dir, task, settings, stop)
+    with adversarial.retraining(attack):
+        result = runner(run_dir, grid_dir, task, settings, stop)
+    return {**result, "adversarial_training": adversarial.describe(attack)}

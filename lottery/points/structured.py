@@ -26,6 +26,7 @@ from common.paths import GridPaths
 from common.stop import StopToken
 from lottery.points.epoch_checkpoint import EpochCheckpoint
 from lottery.points.inference import LiteRTModel, inference_rate
+from lottery.points.point_metrics import recalibration_options
 from lottery.points.recipe import Recipe, dense_recipe, lr_schedule_from, open_dense_run, retrain
 from lottery.points.task import Task, TaskError
 from lottery.prune import masks as masks_mod
@@ -107,7 +108,8 @@ def run_structured_task(run_dir: str | os.PathLike, grid_dir: str | os.PathLike,
     dense = load_checkpoint(run.paths.root, task.rewind)
     # Retraining restarts the dense run's schedule: the ticket is a new, smaller network.
     recipe = dense_recipe(run, epochs=task.epochs, start_epoch=0.0,
-                          schedule_from=lr_schedule_from(settings))
+                          schedule_from=lr_schedule_from(settings), replicate=task.replicate,
+                          **recalibration_options(settings))
     log.info("task %s: %s channels at ratio %.3g drawn at %s, %d epochs", task.task_id,
              task.criterion, task.ratio, task.rewind, recipe.epochs)
 

@@ -24,6 +24,15 @@ Every field is a JSON value; `to_dict` gives back exactly the stored form.
                  removed, the channel criterion, where the draw checkpoint sits (epochs), and the
                  multiple kept channels are rounded to (left out when 1)
     params       free-form JSON object for custom executors (e.g. a workload's duration)
+    replicate    0, 1, ...: replicate r >= 1 of a point has its own seed, its own data order (shared
+                 by every task of that replicate, so tickets and controls pair up) and its own
+                 random controls; its id ends in -rep<r>. Left out when 0
+    retrain_mode "weights" (rewind the weights), "lr" (final weights, masked, the learning-rate
+                 schedule replayed from `rewind`) or "finetune" (final weights, masked, a constant
+                 rate); its id ends in -<mode> unless weights. Left out when "weights"
+    run          the dense run this task retrains (a directory name, sibling of the grid's own
+                 run) for grids over replicate dense runs (GridSettings.replicate_runs); None:
+                 the grid's run. Left out when None
 """
 from __future__ import annotations
 
@@ -33,15 +42,18 @@ from typing import Any, Mapping
 from common.paths import is_safe_name
 
 CONTROLS = ("none", "random_reinit", "random_mask")
+RETRAIN_MODES = ("weights", "lr", "finetune")
 THRESHOLD_KINDS = ("sparsity", "quantile")
 
 # Fields stored only when set (older plans and other kinds of task do not have them).
 _OPTIONAL = ("ratio", "criterion", "draw_epoch", "round_to", "params")
+# Fields stored only when not at their default, so plans written before them stay byte-identical.
+_DEFAULT_OMITTED = {"replicate": 0, "retrain_mode": "weights", "run": None}
 
 
 # Copied into every result beside the point's measurements (the task's sparsity as target_sparsity).
 _IN_RESULTS = ("task_id", "kind", "mask_id", "base_mask_id", "rewind", "control", "scope", "threshold",
-               "imp_rounds", "imp_rate", "seed")
+               "imp_rounds", "imp_rate", "seed", "replicate", "retrain_mode", "run")
 
 
 class TaskError(ValueError):
@@ -70,6 +82,9 @@ class Task:
     draw_epoch: float | None = None
     round_to: int | None = None
     params: Mapping[str, Any] | None = None
+    replicate: int = 0
+    retrain_mode: str = "weights"
+    run: str | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> TaskError:
@@ -80,7 +95,7 @@ class Task:
         for field in ("kind", "rewind", "control", "scope"):
             if not isinstance(getattr(self, field), str) or not getattr(self, field):
                 raise bad(field, f"must be a non-empty string, got {getattr(self, field)!r}")
-        for field in ("mask_id", "base_mask_id"):
+        for field in ("mask_id", "base_mask_id", "run"):
             value = getattr(self, field)
             if value is not None and (not isinstance(value, str) or not is_safe_name(value)):
                 raise bad(field, f"{value!r} is not a safe file name")  # becomes masks/<id>.npz
@@ -92,6 +107,10 @@ class Task:
         if isinstance(self.exclude, (str, bytes)) or not all(isinstance(p, str) for p in self.exclude):
             raise bad("exclude", "must be a list of weight-name patterns")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.retrain_mode not in RETRAIN_MODES:
+            raise bad("retrain_mode", f"is {self.retrain_mode!r}, expected one of {RETRAIN_MODES}")
+        if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 0:
+            raise bad("replicate", f"must be an integer >= 0, got {self.replicate!r}")
         for field in ("epochs", "imp_rounds", "seed", "round_to"):
             value = getattr(self, field)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -126,7 +145,7 @@ class Task:
 
     def result_fields(self) -> dict[str, Any]:
         """The task's fields every result row carries (the report reads them from the result)."""
-        stored = self.to_dict()
+        stored = {**_DEFAULT_OMITTED, **self.to_dict()}
         return {k: stored[k] for k in _IN_RESULTS} | {"target_sparsity": self.sparsity}
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +153,8 @@ class Task:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.name in _OPTIONAL and value is None:
+                continue
+            if f.name in _DEFAULT_OMITTED and value == _DEFAULT_OMITTED[f.name]:
                 continue
             out[f.name] = list(value) if f.name == "exclude" else value
         return out

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from common.atomic import write_bytes
+from lottery.report.replicate_tables import mode_columns
 from lottery.report.results import ReportData, planned_imp_sparsities, planned_sparsities, point_history
+from lottery.report.stats import summarize
 from train.early_bird import distance_matrix
 
 CONTROL_STYLE = {"none": "-", "random_reinit": "--", "random_mask": ":"}
@@ -139,27 +141,85 @@ def accuracy_vs_sparsity(data: ReportData):
     with circles, the controls dashed (random re-init, squares) and dotted (random mask, triangles)."""
     fig, ax = _figure()
     series = []
+    weights = [r for r in data.rows if (r.get("retrain_mode") or "weights") == "weights"]
     for rewind in data.rewinds:
         for control in CONTROL_STYLE:
-            pts = sorted((r["sparsity"], r["accuracy"]) for r in data.rows
-                         if r["kind"] == "oneshot" and r["rewind"] == rewind and r["control"] == control
-                         and r["sparsity"] is not None and r["accuracy"] is not None)
+            pts = replicate_means(r for r in weights
+                                  if r["kind"] == "oneshot" and r["rewind"] == rewind
+                                  and r["control"] == control)
             if pts:
                 series.append((f"rewind {rewind}" + ("" if control == "none" else f", {control}"),
                                control, pts))
     for i, (colour, (label, control, pts)) in enumerate(zip(palette(len(series)), series)):
-        xs, ys = zip(*pts)
-        (line,) = ax.plot(xs, ys, CONTROL_STYLE[control], marker=CONTROL_MARKER[control],
-                          color=colour, label=label, markersize=5)
-        line.set_transform(_dodge(ax, i, len(series)))  # after plot(): the limits are the data's
+        _series_with_band(ax, pts, CONTROL_STYLE[control], CONTROL_MARKER[control], colour, label,
+                          _dodge(ax, i, len(series)))
     _dense_line(ax, data.dense)
     planned = planned_sparsities(data.plan)
     ax.set_xscale("function", functions=(_remaining_log, _sparsity_from_remaining_log))
-    _fraction_limits(ax, [x for *_, pts in series for x, _y in pts] + planned)
+    _fraction_limits(ax, [p[0] for *_, pts in series for p in pts] + planned)
     _fraction_ticks(ax, ax.xaxis, planned)
     ax.set_xlabel("sparsity (% of prunable weights removed; log scale of the weights remaining)")
     _accuracy_label(ax, data.validation_size)
-    ax.set_title("Accuracy after retraining vs sparsity")
+    ax.set_title("Accuracy after retraining vs sparsity"
+                 + (" (mean, band: 95% CI over replicates)" if _has_band(series) else ""))
+    ax.grid(alpha=0.3)
+    _legend_outside(ax)
+    return fig
+
+
+def replicate_means(rows) -> list[tuple[float, float, float | None, float | None]]:
+    """(sparsity, mean accuracy, CI low, CI high) per mask threshold of `rows`, by sparsity; the
+    interval is None for fewer than two replicates (a point is then exactly its result)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["sparsity"] is not None and r["accuracy"] is not None:
+            groups.setdefault((r["threshold_kind"], r["threshold_value"], r["sparsity"]
+                               if r["threshold_value"] is None else None), []).append(r)
+    out = []
+    for found in groups.values():
+        acc = summarize([r["accuracy"] for r in found])
+        out.append((summarize([r["sparsity"] for r in found]).mean, acc.mean, acc.low, acc.high))
+    return sorted(out)
+
+
+def _has_band(series) -> bool:
+    return any(p[2] is not None for *_, pts in series for p in pts)
+
+
+def _series_with_band(ax, pts, style: str, marker: str, colour, label: str, transform) -> None:
+    """A series of replicate_means: the means as a line, their 95% CIs as a shaded band."""
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    (line,) = ax.plot(xs, ys, style, marker=marker, color=colour, label=label, markersize=5)
+    line.set_transform(transform)  # after plot(): the limits are the data's
+    band = [p for p in pts if p[2] is not None]
+    if band:
+        shade = ax.fill_between([p[0] for p in band], [p[2] for p in band], [p[3] for p in band],
+                                color=colour, alpha=0.18, linewidth=0)
+        shade.set_transform(transform)  # after: the band counts for the limits
+
+
+def retrain_modes_plot(data: ReportData):
+    """The tickets of each retraining mode (and rewind point) vs sparsity, with 95% CI bands."""
+    fig, ax = _figure()
+    series = []
+    for mode, rewind in mode_columns(data.rows):
+        pts = replicate_means(r for r in data.rows if r["kind"] == "oneshot" and r["control"] == "none"
+                              and (r.get("retrain_mode") or "weights") == mode and r["rewind"] == rewind)
+        if pts:
+            series.append((mode + ("" if mode == "finetune" else f", rewind {rewind}"), mode, pts))
+    styles = {"weights": ("-", "o"), "lr": ("--", "s"), "finetune": (":", "^")}
+    for i, (colour, (label, mode, pts)) in enumerate(zip(palette(len(series)), series)):
+        style, marker = styles.get(mode, ("-", "o"))
+        _series_with_band(ax, pts, style, marker, colour, label, _dodge(ax, i, len(series)))
+    _dense_line(ax, data.dense)
+    planned = planned_sparsities(data.plan)
+    ax.set_xscale("function", functions=(_remaining_log, _sparsity_from_remaining_log))
+    _fraction_limits(ax, [p[0] for *_, pts in series for p in pts] + planned)
+    _fraction_ticks(ax, ax.xaxis, planned)
+    ax.set_xlabel("sparsity (% of prunable weights removed; log scale of the weights remaining)")
+    _accuracy_label(ax, data.validation_size)
+    ax.set_title("Retraining modes on the same masks"
+                 + (" (mean, band: 95% CI over replicates)" if _has_band(series) else ""))
     ax.grid(alpha=0.3)
     _legend_outside(ax)
     return fig
@@ -174,7 +234,8 @@ def select_curves(rows: list[dict], rewinds: list[str]) -> tuple[list[str], str]
     picked: list[str] = []
     for rewind in rewinds:
         mine = [r for r in rows if r["kind"] == "oneshot" and r["rewind"] == rewind
-                and r["sparsity"] is not None]
+                and r["sparsity"] is not None and not r.get("replicate")  # replicate 0,
+                and (r.get("retrain_mode") or "weights") == "weights"]      # weight rewinding
         plain = sorted((r for r in mine if r["control"] == "none"), key=lambda r: r["sparsity"])
         if plain:
             picked += [plain[-1]["task_id"], plain[0]["task_id"]]
@@ -318,6 +379,10 @@ def figures(data: ReportData) -> Iterator[tuple[str, object, str]]:
                "One-shot masks: accuracy after retraining vs sparsity, one series per rewind point "
                f"and control (shifted sideways by up to {DODGE_POINTS / 2:g} pt so that equal "
                "accuracies stay visible).")
+    if len({m for m, _ in mode_columns(rows)}) > 1:
+        yield ("retrain_modes.png", retrain_modes_plot(data),
+               "Weight rewinding, learning-rate rewinding and fine-tuning on the same masks: mean "
+               "accuracy of each mask's own points vs sparsity (shaded: 95% CI over replicates).")
     pick, rule = select_curves(rows, data.rewinds)
     if pick:
         yield ("training_curves.png", training_curves(data, pick, rule),

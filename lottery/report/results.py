@@ -30,6 +30,12 @@ log = logging.getLogger(__name__)
 COLUMNS = ("task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind",
            "threshold_value", "target_sparsity", "sparsity", "remaining_fraction", "accuracy",
            "best_accuracy", "loss", "epochs_to_best", "epochs", "imp_rounds", "imp_rate", "seed",
+           # replicates and retraining modes (results before them: replicate 0, weights)
+           "replicate", "retrain_mode", "pruned_accuracy",
+           # top-5, BatchNorm recalibration, chance check (lottery.points.point_metrics); flags
+           # are 1.0 / 0.0, empty for results written before them
+           "top5_accuracy", "best_top5_accuracy", "bn_recalibrated",
+           "accuracy_before_bn_recalibration", "val_at_chance",
            "wall_time", "host", "rank", "finished_at",
            # structured points: compacted network vs the dense one at the draw checkpoint
            "ratio", "criterion", "draw_epoch", "params", "params_dense", "flops", "flops_dense",
@@ -112,6 +118,13 @@ def result_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "loss": number(result.get("loss")), "epochs_to_best": result.get("epochs_to_best"),
         "epochs": task.get("epochs"), "imp_rounds": task.get("imp_rounds"),
         "imp_rate": number(task.get("imp_rate")), "seed": task.get("seed"),
+        "replicate": integer(task.get("replicate", 0)),
+        "retrain_mode": task.get("retrain_mode") or "weights",
+        "pruned_accuracy": number(result.get("pruned_accuracy")),
+        **{k: number(result.get(k)) for k in ("top5_accuracy", "best_top5_accuracy",
+                                              "accuracy_before_bn_recalibration")},
+        **{k: None if result.get(k) is None else float(bool(result.get(k)))
+           for k in ("bn_recalibrated", "val_at_chance")},
         "wall_time": number(record.get("wall_time")), "host": worker.get("host"),
         "rank": worker.get("rank"), "finished_at": number(record.get("finished_at")),
         **_structured_fields(task, result),
@@ -206,8 +219,9 @@ def early_bird_masks(run: DenseRunPaths) -> tuple[list[int], list[np.ndarray]]:
 def rewind_order(plan: Mapping[str, Any], rows: list[dict]) -> list[str]:
     """Rewind points of the magnitude points, in training order (the columns of their table)."""
     positions = (plan.get("run") or {}).get("positions") or {}
-    seen = list(dict.fromkeys(r["rewind"] for r in rows
-                              if r["rewind"] is not None and r["kind"] != "structured"))
+    seen = list(dict.fromkeys(r["rewind"] for r in rows  # finetune's "final" is no rewind point
+                              if r["rewind"] is not None and r["kind"] != "structured"
+                              and r.get("retrain_mode") != "finetune"))
     return sorted(seen, key=lambda r: (positions.get(r, math.inf), seen.index(r)))
 
 

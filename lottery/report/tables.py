@@ -16,12 +16,13 @@ import pyarrow.parquet as pq
 from common.atomic import atomic_output, write_text
 from common.paths import EARLY_BIRD_CHECKPOINT, GridPaths
 from lottery.report.results import COLUMNS, number
+from lottery.report.stats import summarize
 
 CONTROL_SHORT = {"random_reinit": "reinit", "random_mask": "rand-mask"}
-_INTEGER_COLUMNS = {"epochs_to_best", "epochs", "imp_rounds", "seed", "rank", "params", "params_dense",
-                    "flops", "flops_dense", "file_bytes", "file_bytes_dense", "inference_threads"}
+_INTEGER_COLUMNS = {"epochs_to_best", "epochs", "imp_rounds", "seed", "replicate", "rank", "params",
+                    "params_dense", "flops", "flops_dense", "file_bytes", "file_bytes_dense", "inference_threads"}
 _STRING_COLUMNS = {"task_id", "kind", "rewind", "control", "scope", "mask_id", "threshold_kind", "host",
-                   "criterion", "inference_runtime"}
+                   "retrain_mode", "criterion", "inference_runtime"}
 
 
 # -- results.csv / results.parquet -------------------------------------------------------------------
@@ -57,14 +58,17 @@ def fmt_accuracy(value: float | None) -> str:
 def accuracy_table(rows: list[dict[str, Any]], rewinds: list[str]) -> str:
     """Markdown: rows = sparsity (one-shot masks), columns = rewind point, cells = accuracy with
     the controls' accuracies after it."""
-    oneshot = [r for r in rows if r["kind"] == "oneshot"]
+    # Weight rewinding only (other retraining modes have their own table); replicates averaged.
+    oneshot = [r for r in rows if r["kind"] == "oneshot" and (r.get("retrain_mode") or "weights") == "weights"]
     if not oneshot:
         return "_no one-shot points finished yet_\n"
-    by_mask: dict[tuple, dict[tuple[str, str], dict]] = {}
+    groups: dict[tuple, dict[tuple[str, str], list[dict]]] = {}
     for r in oneshot:
         # The magnitude mask a row belongs to: its threshold (random masks copy its sparsity).
         key = (r["threshold_kind"], r["threshold_value"])
-        by_mask.setdefault(key, {})[(r["rewind"], r["control"])] = r
+        groups.setdefault(key, {}).setdefault((r["rewind"], r["control"]), []).append(r)
+    by_mask = {key: {cell: _replicate_mean(found) for cell, found in cells.items()}
+               for key, cells in groups.items()}
     lines = ["| sparsity | " + " | ".join(f"rewind {w}" for w in rewinds) + " |",
              "|---:|" + "---:|" * len(rewinds)]
     for key in sorted(by_mask, key=lambda k: (k[1] is None, k[1] or 0.0)):
@@ -75,12 +79,23 @@ def accuracy_table(rows: list[dict[str, Any]], rewinds: list[str]) -> str:
         out = []
         for w in rewinds:
             main = cells.get((w, "none"))
-            text = fmt_accuracy(main["accuracy"]) if main else "—"
+            text = (fmt_accuracy(main["accuracy"]) + main["interval"]) if main else "—"
             extras = [f"{CONTROL_SHORT[c]} {fmt_accuracy(cells[(w, c)]['accuracy'])}"
                       for c in CONTROL_SHORT if (w, c) in cells]
             out.append(text + (" (" + ", ".join(extras) + ")" if extras else ""))
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _replicate_mean(found: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell of accuracy_table from its replicates: the row itself for one replicate (the
+    table as before replicates existed), else the mean accuracy and ' ± ' the 95% CI half-width."""
+    if len(found) == 1:
+        return {**found[0], "interval": ""}
+    summary = summarize([r["accuracy"] for r in found])
+    half = summary.half_width
+    return {**found[0], "accuracy": summary.mean,
+            "interval": f" ± {half:.4f} (n={summary.n})" if half is not None else f" (n={summary.n})"}
 
 
 def imp_table(records: list[dict[str, Any]]) -> str:

@@ -233,8 +233,11 @@ def test_multiworker_engine_trains_on_two_processes_and_only_the_chief_writes(
                                         "task": {"type": "worker", "index": index}})}
         env.pop("SLURM_JOB_ID", None)
         procs.append(subprocess.Popen(
+            # Adversarial (PGD-2) batches: the multi-replica step's own attack hook runs too.
             [sys.executable, "-m", "bigticket", *_args(digits_dir, out, "--engine", "multiworker",
-                                                       "--epochs", "2", "--rewind", "0ep,1ep")],
+                                                       "--epochs", "2", "--rewind", "0ep,1ep",
+                                                       "--adversarial", "pgd", "--adv-epsilon",
+                                                       "0.05", "--adv-steps", "2")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=600) for p in procs]
     for proc, (_, stderr) in zip(procs, results):
@@ -252,4 +255,9 @@ def test_multiworker_engine_trains_on_two_processes_and_only_the_chief_writes(
     assert sorted(p.name.split(".")[0] for p in run.checkpoints.iterdir()) == [
         "0ep", "1ep", "final", "init"]
     assert len(list(run.tensorboard.glob("events.out.tfevents.*"))) == 1  # the chief's only
-    assert len(list(csv.DictReader(run.history.open()))) == 2
+    rows = list(csv.DictReader(run.history.open()))
+    assert len(rows) == 2
+    assert record["settings"]["adversarial"] == "pgd"
+    for row in rows:  # top-5 from the custom loop and from the evaluation, 10 classes
+        assert float(row["accuracy"]) <= float(row["top5_accuracy"]) <= 1.0
+        assert float(row["val_accuracy"]) <= float(row["val_top5_accuracy"]) <= 1.0

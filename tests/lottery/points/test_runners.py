@@ -37,11 +37,11 @@ import lottery.points.runners, lottery.grid.plan
 
 
 def test_every_kind_the_plan_makes_has_a_runner():
-    assert set(RUNNERS) == {"oneshot", "imp", "structured"}
+    assert set(RUNNERS) >= {"oneshot", "imp", "structured", "gmp"}
 
 
 def test_an_unknown_kind_is_named_with_its_task(tmp_path):
-    with pytest.raises(TaskError, match=r"task 'w1': field kind is 'gradual'.*known: imp, oneshot, structured"):
+    with pytest.raises(TaskError, match=r"task 'w1': field kind is 'gradual'.*known: gmp, imp, oneshot, "):
         train_point(tmp_path, tmp_path, Task(task_id="w1", kind="gradual"))
 
 
@@ -50,7 +50,9 @@ def test_result_rows_carry_the_task_fields_they_always_had():
     assert fields == {"task_id": "oneshot-global-s9000-init-none", "kind": "oneshot", "mask_id": "global-s9000",
                       "base_mask_id": None, "rewind": "init", "control": "none", "scope": "global",
                       "threshold": {"kind": "sparsity", "value": 0.9}, "imp_rounds": 0, "imp_rate": 0.0,
-                      "seed": 11, "target_sparsity": 0.9}
+                      "seed": 11, "target_sparsity": 0.9,
+                      # issue 13: always in results, at their defaults for a task without them
+                      "replicate": 0, "retrain_mode": "weights", "run": None}
 
 
 @pytest.mark.parametrize("changes, message", [
