@@ -153,6 +153,13 @@ def accuracy_vs_sparsity(data: ReportData):
     for i, (colour, (label, control, pts)) in enumerate(zip(palette(len(series)), series)):
         _series_with_band(ax, pts, CONTROL_STYLE[control], CONTROL_MARKER[control], colour, label,
                           _dodge(ax, i, len(series)))
+    _finish_accuracy_vs_sparsity(ax, data, series, "Accuracy after retraining vs sparsity")
+    return fig
+
+
+def _finish_accuracy_vs_sparsity(ax, data, series, title: str) -> None:
+    """The dense line, the log-remaining sparsity axis with a tick per planned sparsity, labels,
+    the title (noting the replicate bands when there are any) and the legend beside the axes."""
     _dense_line(ax, data.dense)
     planned = planned_sparsities(data.plan)
     ax.set_xscale("function", functions=(_remaining_log, _sparsity_from_remaining_log))
@@ -160,11 +167,9 @@ def accuracy_vs_sparsity(data: ReportData):
     _fraction_ticks(ax, ax.xaxis, planned)
     ax.set_xlabel("sparsity (% of prunable weights removed; log scale of the weights remaining)")
     _accuracy_label(ax, data.validation_size)
-    ax.set_title("Accuracy after retraining vs sparsity"
-                 + (" (mean, band: 95% CI over replicates)" if _has_band(series) else ""))
+    ax.set_title(title + (" (mean, band: 95% CI over replicates)" if _has_band(series) else ""))
     ax.grid(alpha=0.3)
     _legend_outside(ax)
-    return fig
 
 
 def replicate_means(rows) -> list[tuple[float, float, float | None, float | None]]:
@@ -211,17 +216,7 @@ def retrain_modes_plot(data: ReportData):
     for i, (colour, (label, mode, pts)) in enumerate(zip(palette(len(series)), series)):
         style, marker = styles.get(mode, ("-", "o"))
         _series_with_band(ax, pts, style, marker, colour, label, _dodge(ax, i, len(series)))
-    _dense_line(ax, data.dense)
-    planned = planned_sparsities(data.plan)
-    ax.set_xscale("function", functions=(_remaining_log, _sparsity_from_remaining_log))
-    _fraction_limits(ax, [p[0] for *_, pts in series for p in pts] + planned)
-    _fraction_ticks(ax, ax.xaxis, planned)
-    ax.set_xlabel("sparsity (% of prunable weights removed; log scale of the weights remaining)")
-    _accuracy_label(ax, data.validation_size)
-    ax.set_title("Retraining modes on the same masks"
-                 + (" (mean, band: 95% CI over replicates)" if _has_band(series) else ""))
-    ax.grid(alpha=0.3)
-    _legend_outside(ax)
+    _finish_accuracy_vs_sparsity(ax, data, series, "Retraining modes on the same masks")
     return fig
 
 
