@@ -6,7 +6,9 @@
 #                          run_saving_path "${SPARK_SUBMIT[@]}" ARGS... (dry runs print it whole)
 #   spark_cluster_stop     stops exactly the processes started here (installed as an EXIT trap)
 #
-# Settings (environment, defaults below): SPARK_MASTER_PORT, SPARK_WORKER_MEMORY, SPARK_SCRATCH
+# Settings (environment, defaults below): SPARK_MASTER_PORT (a first choice: when another process
+# holds it, the master takes the next free one and the workers and spark-submit follow it),
+# SPARK_WORKER_MEMORY, SPARK_SCRATCH
 # (node-local), SPARK_JOB_DIR (must be visible on every node: holds the per-job secret),
 # GPUS_PER_NODE (0 = CPU nodes, no GPU resources), GPU_DISCOVERY_SCRIPT, SPARK_START_TIMEOUT.
 # Security: spark.authenticate with a fresh secret per job, kept in a 0600 properties file (never
@@ -71,6 +73,32 @@ _spark_wait_port() {  # host port timeout
     done
 }
 
+_spark_master_listening() {  # timeout: sets SPARK_MASTER_PORT/URL to where the master listens
+    # Spark moves a master whose port is taken (by any process on a shared node) to the next one
+    # without failing; the workers and the driver must follow it, not the port asked for.
+    local deadline=$((SECONDS + $1)) url
+    while :; do
+        url=$(grep -o 'Starting Spark master at spark://[^ ]*' "$SPARK_JOB_DIR/master.log" 2>/dev/null |
+              head -n1 | sed 's/^Starting Spark master at //' || true)
+        [ -n "$url" ] && break
+        kill -0 "$SPARK_MASTER_PID" 2>/dev/null || die "the Spark master exited; see $SPARK_JOB_DIR/master.log"
+        if [ "$SECONDS" -ge "$deadline" ]; then
+            # A log level above INFO hides the line: keep the port asked for if it answers.
+            (exec 3<>"/dev/tcp/$SPARK_MASTER_HOST/$SPARK_MASTER_PORT") 2>/dev/null ||
+                die "the Spark master did not start within $1s; see $SPARK_JOB_DIR/master.log"
+            log "warning: $SPARK_JOB_DIR/master.log names no address; assuming $SPARK_MASTER_URL"
+            return 0
+        fi
+        sleep 1
+    done
+    if [ "$url" != "$SPARK_MASTER_URL" ]; then
+        log "port $SPARK_MASTER_PORT was taken: the Spark master listens at $url"
+        SPARK_MASTER_URL=$url
+        SPARK_MASTER_PORT=${url##*:}
+        SPARK_SUBMIT=("$SPARK_HOME/bin/spark-submit" --master "$SPARK_MASTER_URL" --properties-file "$SPARK_PROPS")
+    fi
+}
+
 _spark_wait_workers() {  # expected timeout: the master log names each registered worker
     local deadline=$((SECONDS + $2)) n=0
     while :; do
@@ -119,6 +147,7 @@ spark_cluster_start() {
     else
         "${master[@]}" > "$SPARK_JOB_DIR/master.log" 2>&1 &
         SPARK_MASTER_PID=$!
+        _spark_master_listening "$SPARK_START_TIMEOUT"
     fi
     # One worker per node, all of the node's CPUs; --overlap leaves the CPUs usable by later steps.
     run_bg srun --overlap --nodes="$SPARK_NODE_COUNT" --ntasks="$SPARK_NODE_COUNT" --ntasks-per-node=1 \

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 
 import pytest
@@ -31,9 +32,9 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "job").exists()
 
 
-def _submit(slurm, tmp_path, *etl_args):
+def _submit(slurm, tmp_path, *etl_args, **extra_env):
     env = {"SPARK_JOB_DIR": str(tmp_path / "sparkjob"), "SPARK_SCRATCH": str(tmp_path / "scratch"),
-           "PYTHON": str(PYTHON)}
+           "PYTHON": str(PYTHON), **extra_env}
     (tmp_path / "scratch").mkdir()
     return slurm.sbatch(["--wait", "--output", str(tmp_path / "job-%j.out"), str(SCRIPT), *etl_args],
                         env=env, cwd=REPO, timeout=400)
@@ -44,10 +45,18 @@ def test_etl_sbatch_writes_a_verified_dataset_and_stops_its_cluster(slurm, tmp_p
 
     images = tiny_image_folder(tmp_path / "images")
     out = tmp_path / "dataset"
-    done = _submit(slurm, tmp_path, "--source", "imagenet-folder", "--input", str(images),
-                   "--out", str(out), "--resize", "fixed:8", "--shards", "2")
+    # The master's port is held by another process (a shared node): Spark moves the master to the
+    # next port, and the workers and the driver must follow it there.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = _submit(slurm, tmp_path, "--source", "imagenet-folder", "--input", str(images),
+                       "--out", str(out), "--resize", "fixed:8", "--shards", "2",
+                       SPARK_MASTER_PORT=str(port))
     log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
     assert done.returncode == 0, log[-4000:]
+    assert f"port {port} was taken: the Spark master listens at spark://127.0.0.1:" in log
     manifest = json.loads((out / "manifest.json").read_text())
     assert (manifest["splits"]["train"]["records"], manifest["splits"]["validation"]["records"]) == (16, 4)
     assert verify_dataset(out, spark=spark).ok

@@ -2,6 +2,7 @@
 status 143, the same command resumes, and TensorFlow's native start-up lines stay quiet."""
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -47,6 +48,16 @@ def _start(argv) -> tuple[subprocess.Popen, queue.Queue, list[str], threading.Th
     return proc, lines, seen, reader
 
 
+def _epochs_done(runs: Path) -> int:
+    """Complete epochs in the resume state of the one run under `runs` (0 before there is one)."""
+    for state in runs.glob("dense-*/resume/state.json"):
+        try:
+            return int(json.loads(state.read_text())["epochs_done"])
+        except (ValueError, KeyError):  # being replaced (atomic rename) or not yet complete
+            return 0
+    return 0
+
+
 @pytest.mark.slow
 def test_sigterm_stops_with_one_line_and_status_143_then_the_same_command_resumes(
         digits_dir, tmp_path):
@@ -62,6 +73,11 @@ def test_sigterm_stops_with_one_line_and_status_143_then_the_same_command_resume
             continue
         if "epoch 1/6" in line:
             break
+    # The epoch's line is logged before its resume state is written: signal once that is on disk,
+    # so the stop comes after a complete epoch however slowly a loaded machine writes it.
+    while not _epochs_done(tmp_path / "runs") and time.monotonic() < deadline:
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=120)   # not communicate(): the reader thread owns stderr
     out = proc.stdout.read()
