@@ -145,7 +145,10 @@ spark_cluster_start() {
     if [ "${DRY_RUN:-0}" = 1 ]; then
         printf '+'; printf ' %q' "${master[@]}"; printf ' > %q &\n' "$SPARK_JOB_DIR/master.log"
     else
-        "${master[@]}" > "$SPARK_JOB_DIR/master.log" 2>&1 &
+        # Emptied here, not by the child's redirection: the address is read from this file at
+        # once, and a job reusing SPARK_JOB_DIR must not read the previous master's.
+        : > "$SPARK_JOB_DIR/master.log"
+        "${master[@]}" >> "$SPARK_JOB_DIR/master.log" 2>&1 &
         SPARK_MASTER_PID=$!
         _spark_master_listening "$SPARK_START_TIMEOUT"
     fi
