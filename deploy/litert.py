@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from lottery.points.inference import input_shape
+
 log = logging.getLogger(__name__)
 
 VARIANTS = ("float32", "float16", "dynamic_int8", "full_int8")
@@ -108,12 +110,10 @@ def as_float32(model):
 
 # --------------------------------------------------------------------------- conversion
 def _input_shape(model) -> tuple[int, ...]:
-    if len(model.inputs) != 1:
-        raise ConversionError(f"model {model.name!r} must have one input, has {len(model.inputs)}")
-    shape = tuple(model.inputs[0].shape[1:])
-    if any(d is None for d in shape):
-        raise ConversionError(f"model {model.name!r} has an unknown input shape {shape}")
-    return shape
+    try:
+        return input_shape(model, "LiteRT export")
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _flex_ops(message: str) -> list[str]:

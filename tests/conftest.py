@@ -21,11 +21,13 @@ _ONE_WORKER = {"cluster": ("tests/cluster/", "tests/train/test_gpu_binding.py")}
 
 
 def pytest_collection_modifyitems(config, items):
+    # Every other file runs whole in one worker, in its order: tests of a file may build on
+    # module-scoped fixtures an earlier test of the file filled.
     for item in items:
         where = Path(str(item.path)).as_posix()
-        for group, prefixes in _ONE_WORKER.items():
-            if any(f"/{prefix}" in where for prefix in prefixes):
-                item.add_marker(pytest.mark.xdist_group(group))
+        group = next((g for g, prefixes in _ONE_WORKER.items()
+                      if any(f"/{prefix}" in where for prefix in prefixes)), where)
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

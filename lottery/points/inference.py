@@ -32,7 +32,7 @@ STATS = ("mean", "median")
 CLOCKS = ("wall", "cpu")
 
 
-def _input_shape(model, what: str) -> tuple[int, ...]:
+def input_shape(model, what: str) -> tuple[int, ...]:
     if len(model.inputs) != 1:
         raise ValueError(f"{what}: model {model.name!r} must have one input, has {len(model.inputs)}")
     shape = tuple(model.inputs[0].shape[1:])
@@ -59,7 +59,7 @@ class LiteRTModel:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name = model.name
         self.batch_size = int(batch_size)
-        self.input_shape = _input_shape(model, "LiteRTModel")
+        self.input_shape = input_shape(model, "LiteRTModel")
         with tempfile.TemporaryDirectory(prefix="bt-litert-") as tmp:
             path = Path(tmp) / "model.tflite"
             spec = keras.InputSpec(shape=(self.batch_size,) + self.input_shape, dtype="float32")
@@ -127,7 +127,7 @@ def inference_rate(model, *, batch_size: int = 32, seconds: float = 2.0, warmup:
     else:
         import keras
 
-        shape = _input_shape(model, "inference_rate")
+        shape = input_shape(model, "inference_rate")
         x = np.random.default_rng(seed).uniform(0, 255, (batch_size,) + shape).astype(np.float32)
         x = keras.ops.convert_to_tensor(x)
 
